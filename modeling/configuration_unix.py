@@ -1,0 +1,180 @@
+"""`UniXConfig`: Qwen2's config plus the modality layout and the joint vocabulary (DESIGN.md sections 2 and 4).
+
+One config class serves the four variants; the per-layer architecture is *data*: ``layer_kinds`` is derived from
+``variant`` and its size fields in ``__post_init__``, validated, and saved in ``config.json`` so that a checkpoint
+states exactly which layers carry a vision branch. Layers read ``config.layer_kinds[layer_idx]``; nothing else in
+the model branches on layer indices.
+
+Layer kinds:
+    ``shared``     one stock Qwen2 decoder layer for every token (dense, Uni-X middle layers, MoE non-expert layers)
+    ``separated``  Uni-X two-end layer: text and vision each have their own attention projections, norms and FFN;
+                   attention visibility follows ``all_modal_visible`` (0: same modality of the same document only,
+                   1: every token of the document)
+    ``mot``        Mixture-of-Transformers layer: like ``separated`` but always globally visible
+    ``moe``        shared attention and norms, FFN hard-routed by modality (text FFN / vision FFN)
+
+Vocabulary fields (``image_offset``, ``image_level_sizes``, ``vision_start_token_id``, ``vision_end_token_id``) are
+placeholders in the tiny preset: the training code overwrites them from the text tokenizer (``len(tokenizer)``, the
+vision special-token ids) and the image tokenizer (codebook sizes) before building the model, then sets
+``vocab_size = max(vocab_size, code_vocab.total_vocab_size)``; ``UniXConfig.with_vocab`` does exactly that.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import Qwen2Config
+
+from modeling.vocab import CodeVocab
+
+VARIANTS = ("dense", "unix", "mot", "moe")
+LAYER_KINDS = ("shared", "separated", "mot", "moe")
+
+
+def derive_layer_kinds(
+    variant: str, num_layers: int, vision_encode_layers: int, vision_decode_layers: int, moe_every_k: int
+) -> list[str]:
+    """Expand the variant's size fields into one kind per layer.
+
+    >>> derive_layer_kinds("unix", 5, 2, 1, 1)
+    ['separated', 'separated', 'shared', 'shared', 'separated']
+    >>> derive_layer_kinds("moe", 4, 0, 0, 2)   # every k-th layer, counting from 1: layers 2 and 4
+    ['shared', 'moe', 'shared', 'moe']
+    """
+    if variant == "dense":
+        return ["shared"] * num_layers
+    if variant == "mot":
+        return ["mot"] * num_layers
+    if variant == "moe":
+        return ["moe" if (i + 1) % moe_every_k == 0 else "shared" for i in range(num_layers)]
+    middle = num_layers - vision_encode_layers - vision_decode_layers
+    return ["separated"] * vision_encode_layers + ["shared"] * middle + ["separated"] * vision_decode_layers
+
+
+@strict(accept_kwargs=True)
+class UniXConfig(Qwen2Config):
+    r"""Qwen2 config for the Uni-X model family.
+
+    Args (beyond `Qwen2Config`):
+        variant: ``dense`` | ``unix`` | ``mot`` | ``moe``.
+        vision_encode_layers / vision_decode_layers: Uni-X only; number of first / last layers with a vision branch.
+        ffn_vision_size: FFN width of vision branches (``None`` -> ``intermediate_size``).
+        ffn_share_size: FFN width of shared and text branches (``None`` -> ``intermediate_size``).
+        all_modal_visible: Uni-X separated layers: 0 attend within the token's own modality, 1 to the whole document.
+        moe_every_k: MoE only; layer ``i`` (0-based) is an expert layer iff ``(i + 1) % moe_every_k == 0``.
+        image_offset, image_level_sizes, vision_start_token_id, vision_end_token_id: the joint vocabulary layout
+            (see `modeling.vocab.CodeVocab`).
+        layer_kinds: derived; if given (from a saved config.json) it must equal the derived list.
+    """
+
+    model_type = "unix_qwen2"
+
+    # Qwen2.5's text vocabulary (151,665 ids) plus Chameleon's 8,192 codes: the default must be self-consistent
+    # because transformers instantiates a default config (e.g. for diffs when saving).
+    vocab_size: int = 151665 + 8192
+    variant: str = "unix"
+    vision_encode_layers: int = 0
+    vision_decode_layers: int = 0
+    ffn_vision_size: int | None = None
+    ffn_share_size: int | None = None
+    all_modal_visible: int = 0
+    moe_every_k: int = 1
+    image_offset: int = 151665
+    image_level_sizes: list[int] | tuple[int, ...] = (8192,)
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    layer_kinds: list[str] | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self._validate_unix_fields()
+
+    def _validate_unix_fields(self) -> None:
+        """Cross-field rules; every message names the fields involved."""
+        if self.variant not in VARIANTS:
+            raise ValueError(f"UniXConfig: unknown variant={self.variant!r}; choose one of {VARIANTS}")
+        for name in ("vision_encode_layers", "vision_decode_layers", "image_offset"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"UniXConfig: {name}={getattr(self, name)} must be >= 0")
+        for name in ("ffn_vision_size", "ffn_share_size"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"UniXConfig: {name}={value} must be positive or None (-> intermediate_size)")
+        if self.variant == "unix":
+            separated = self.vision_encode_layers + self.vision_decode_layers
+            if separated > self.num_hidden_layers:
+                raise ValueError(
+                    f"UniXConfig: vision_encode_layers + vision_decode_layers = {separated} separated layers exceed "
+                    f"num_hidden_layers={self.num_hidden_layers}"
+                )
+        elif self.vision_encode_layers or self.vision_decode_layers:
+            raise ValueError(
+                f"UniXConfig: vision_encode_layers/vision_decode_layers are Uni-X fields but variant={self.variant!r}"
+            )
+        if self.all_modal_visible not in (0, 1):
+            raise ValueError(f"UniXConfig: all_modal_visible={self.all_modal_visible} must be 0 or 1")
+        if self.moe_every_k < 1:
+            raise ValueError(f"UniXConfig: moe_every_k={self.moe_every_k} must be >= 1")
+        self.image_level_sizes = [int(s) for s in self.image_level_sizes]
+        vocab = self.code_vocab  # CodeVocab range-checks offsets, sizes and the vision special ids
+        if vocab.total_vocab_size > self.vocab_size:
+            raise ValueError(
+                f"UniXConfig: vocab_size={self.vocab_size} does not cover the image codes: image_offset="
+                f"{self.image_offset} + sum(image_level_sizes)={vocab.num_image_tokens} = {vocab.total_vocab_size}"
+            )
+        derived = derive_layer_kinds(
+            self.variant, self.num_hidden_layers, self.vision_encode_layers, self.vision_decode_layers, self.moe_every_k
+        )
+        if self.layer_kinds is not None and list(self.layer_kinds) != derived:
+            raise ValueError(
+                f"UniXConfig: layer_kinds={list(self.layer_kinds)} disagrees with the kinds derived from variant="
+                f"{self.variant!r} and its size fields: {derived}"
+            )
+        self.layer_kinds = derived
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def code_vocab(self) -> CodeVocab:
+        """The code id <-> token id mapping this model was built for."""
+        try:
+            return CodeVocab(
+                int(self.image_offset),
+                tuple(self.image_level_sizes),
+                int(self.vision_start_token_id),
+                int(self.vision_end_token_id),
+            )
+        except ValueError as e:
+            raise ValueError(f"UniXConfig: invalid vocabulary fields (image_offset, image_level_sizes, "
+                             f"vision_start_token_id, vision_end_token_id): {e}") from e
+
+    @property
+    def vision_ffn_size(self) -> int:
+        return self.ffn_vision_size or self.intermediate_size
+
+    @property
+    def share_ffn_size(self) -> int:
+        return self.ffn_share_size or self.intermediate_size
+
+    @property
+    def has_same_modality_layers(self) -> bool:
+        """True iff some layer restricts attention to the query's own modality (Uni-X, all_modal_visible=0)."""
+        return "separated" in self.layer_kinds and not self.all_modal_visible
+
+    def with_vocab(self, vocab: CodeVocab) -> "UniXConfig":
+        """Return a copy whose vocabulary fields follow ``vocab`` (what training does at build time)."""
+        d = self.to_dict()
+        d.update(
+            image_offset=vocab.image_offset,
+            image_level_sizes=list(vocab.level_sizes),
+            vision_start_token_id=vocab.vision_start_id,
+            vision_end_token_id=vocab.vision_end_id,
+            vocab_size=max(self.vocab_size, vocab.total_vocab_size),
+        )
+        for key in ("model_type", "transformers_version", "architectures"):
+            d.pop(key, None)
+        return UniXConfig(**d)
+
+
+Variant = Literal["dense", "unix", "mot", "moe"]
+__all__ = ["UniXConfig", "derive_layer_kinds", "VARIANTS", "LAYER_KINDS", "Variant"]

@@ -1,0 +1,28 @@
+"""Modality-routed MoE layers: attention and norms shared, the FFN hard-routed by modality.
+
+Every ``moe_every_k``-th layer (``config.layer_kinds == "moe"``) keeps the stock text FFN (``mlp``, so a Qwen2
+checkpoint loads unchanged) and adds ``vision_mlp`` (``ffn_vision_size``) for vision tokens. Routing is the token's
+modality, not a learned gate: no load-balancing loss, no capacity, each token runs exactly one expert.
+"""
+
+from __future__ import annotations
+
+from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+
+from modeling.configuration_unix import UniXConfig
+from modeling.modeling_unix import SharedDecoderLayer, ffn_config
+
+
+class MoEDecoderLayer(SharedDecoderLayer):
+    """Shared attention + post-attention norm; text tokens -> ``mlp``, vision tokens -> ``vision_mlp``."""
+
+    def __init__(self, config: UniXConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.vision_mlp = Qwen2MLP(ffn_config(config, config.vision_ffn_size))
+
+    def ffn_branches(self):
+        return ((lambda h: self.mlp(self.post_attention_layernorm(h))),
+                (lambda h: self.vision_mlp(self.post_attention_layernorm(h))))
+
+
+__all__ = ["MoEDecoderLayer"]

@@ -1,0 +1,70 @@
+"""Tiny model configs and documents shared by the tests/test_model_*.py files (built in code, no files)."""
+
+from __future__ import annotations
+
+import torch
+
+from modeling import UniXConfig, build_model
+
+TEXT_VOCAB = 96  # ids [0, 96) are text; 10/11 are <|vision_start|>/<|vision_end|>
+VISION_START, VISION_END = 10, 11
+NUM_CODES = 64
+VARIANTS = {
+    "dense": dict(variant="dense"),
+    "unix_amv0": dict(variant="unix", vision_encode_layers=1, vision_decode_layers=1, all_modal_visible=0),
+    "unix_amv1": dict(variant="unix", vision_encode_layers=1, vision_decode_layers=1, all_modal_visible=1),
+    "mot": dict(variant="mot"),
+    "moe": dict(variant="moe", moe_every_k=2),
+}
+
+
+def tiny_config(**overrides) -> UniXConfig:
+    """Hidden 32, 4 layers, GQA 4/2 heads, 96 text ids + 64 image codes; a vision FFN narrower than the text one."""
+    fields = dict(
+        vocab_size=TEXT_VOCAB + NUM_CODES, hidden_size=32, intermediate_size=64, ffn_vision_size=48,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        image_offset=TEXT_VOCAB, image_level_sizes=[NUM_CODES], vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END, tie_word_embeddings=False,
+    )
+    fields.update(overrides)
+    return UniXConfig(**fields)
+
+
+def tiny_model(name: str, attn: str = "eager", **overrides):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(**{**VARIANTS[name], **overrides}), attn_implementation=attn)
+    return model.eval()
+
+
+def text_ids(n: int, gen: torch.Generator) -> list[int]:
+    return (torch.randint(12, TEXT_VOCAB, (n,), generator=gen)).tolist()
+
+
+def image_ids(n: int, gen: torch.Generator) -> list[int]:
+    return (torch.randint(TEXT_VOCAB, TEXT_VOCAB + NUM_CODES, (n,), generator=gen)).tolist()
+
+
+def documents(seed: int = 0) -> list[list[int]]:
+    """Text only, image only, text first, image first (with a trailing caption), and a 1-token document."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        text_ids(7, g),
+        image_ids(9, g),
+        text_ids(5, g) + [VISION_START] + image_ids(8, g) + [VISION_END] + text_ids(3, g),
+        [VISION_START] + image_ids(6, g) + [VISION_END] + text_ids(6, g),
+        text_ids(1, g),
+    ]
+
+
+def pack(docs: list[list[int]]) -> dict[str, torch.Tensor]:
+    """The packed-row batch the training collator sends: ids, restarting positions, cu_seq_lens; no mask."""
+    lengths = [len(d) for d in docs]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    return {
+        "input_ids": torch.tensor([sum(docs, [])]),
+        "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": max(lengths),
+        "max_length_k": max(lengths),
+    }

@@ -1,0 +1,143 @@
+"""Config validation, save/load, Uni-X 0+0 == dense, routing exactness, gradients on one-modality batches,
+every parameter trains, gradient checkpointing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from modeling import UniXConfig, UniXForCausalLM
+from tests.model_fixtures import VARIANTS, documents, image_ids, pack, text_ids, tiny_config, tiny_model
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(variant="sparse"), "unknown variant='sparse'"),
+        (dict(variant="unix", vision_encode_layers=3, vision_decode_layers=2), "exceed num_hidden_layers=4"),
+        (dict(variant="dense", vision_encode_layers=1), "vision_encode_layers/vision_decode_layers are Uni-X"),
+        (dict(vocab_size=100), "vocab_size=100 does not cover the image codes"),
+        (dict(ffn_vision_size=-4), "ffn_vision_size=-4 must be positive"),
+        (dict(variant="unix", vision_encode_layers=-1), "vision_encode_layers=-1 must be >= 0"),
+        (dict(all_modal_visible=2), "all_modal_visible=2 must be 0 or 1"),
+        (dict(variant="moe", moe_every_k=0), "moe_every_k=0 must be >= 1"),
+        (dict(vision_start_token_id=500), "vision_start_id=500 must be a text id"),
+        (dict(variant="mot", layer_kinds=["shared"] * 4), "disagrees with the kinds derived"),
+    ],
+)
+def test_config_validation_names_the_fields(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+def test_layer_kinds_are_derived():
+    assert tiny_config(variant="unix", vision_encode_layers=1, vision_decode_layers=2).layer_kinds == [
+        "separated", "shared", "separated", "separated"]
+    assert tiny_config(variant="moe", moe_every_k=2).layer_kinds == ["shared", "moe", "shared", "moe"]
+    assert tiny_config(variant="mot").layer_kinds == ["mot"] * 4
+
+
+@pytest.mark.parametrize("name", ["unix_amv0", "moe"])
+def test_save_load_round_trip_through_auto_classes(name, tmp_path):
+    model = tiny_model(name)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert AutoConfig.from_pretrained(tmp_path).layer_kinds == model.config.layer_kinds
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
+    assert isinstance(loaded, UniXForCausalLM)
+    ids = torch.tensor([sum(documents()[2:4], [])])
+    torch.testing.assert_close(loaded(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
+
+
+def test_unix_without_separated_layers_equals_dense():
+    dense = tiny_model("dense")
+    unix = tiny_model("unix_amv0", vision_encode_layers=0, vision_decode_layers=0)
+    unix.load_state_dict(dense.state_dict())
+    batch = pack(documents())
+    diff = unix(**batch, use_cache=False).logits - dense(**batch, use_cache=False).logits
+    assert diff.abs().max() < 1e-5
+
+
+def _vision_params(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if ".vision." in n or ".vision_mlp." in n}
+
+
+@pytest.mark.parametrize("amv", [0, 1])
+def test_vision_parameters_never_touch_text_tokens_in_encode_layers(amv):
+    """Perturbing vision-only parameters: with all_modal_visible=0 text hidden states before the first shared layer
+    are unchanged; with 1 the text FFN/norm path is still untouched (only attention mixes modalities)."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.tensor([text_ids(4, g) + [10] + image_ids(5, g) + [11] + text_ids(3, g)])
+    text_pos = (ids[0] < 96) & (ids[0] != 10)
+    model = tiny_model("unix_amv0", all_modal_visible=amv, num_hidden_layers=4, vision_encode_layers=2,
+                       vision_decode_layers=1)
+    before = model(ids, use_cache=False, output_hidden_states=True).hidden_states
+    with torch.no_grad():
+        if amv:  # only the vision FFN of the last encode layer: text rows of that layer's output must not move
+            for p in model.model.layers[1].vision.mlp.parameters():
+                p.add_(torch.randn_like(p))
+        else:
+            for p in _vision_params(model).values():
+                p.add_(torch.randn_like(p))
+    after = model(ids, use_cache=False, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(after[2][0, text_pos], before[2][0, text_pos], atol=0, rtol=0)
+    assert (after[2][0, ~text_pos] - before[2][0, ~text_pos]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("modality", ["text", "vision"])
+def test_one_modality_batch_gives_every_parameter_a_gradient(name, modality):
+    g = torch.Generator().manual_seed(2)
+    ids = text_ids(12, g) if modality == "text" else image_ids(12, g)
+    model = tiny_model(name, "unix_packed").train()
+    batch = pack([ids[:5], ids[5:]])
+    loss = model(**batch, labels=batch["input_ids"], use_cache=False).loss
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"{name}/{modality}: no gradient for {missing}"
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_parameter_changes_after_training_steps(name):
+    model = tiny_model(name, "unix_packed").train()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for seed in range(3):
+        batch = pack(documents(seed))
+        model(**batch, labels=batch["input_ids"], use_cache=False).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    unchanged = [n for n, p in model.named_parameters() if torch.equal(p, start[n])]
+    assert not unchanged, f"{name}: unchanged parameters {unchanged}"
+
+
+def test_gradient_checkpointing_matches_plain_backward():
+    batch = pack(documents())
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model("unix_amv1", "unix_packed").train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            assert model.model.layers[0].gradient_checkpointing
+        model(**batch, labels=batch["input_ids"], use_cache=False).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)
+
+
+def test_inputs_embeds_needs_vision_mask():
+    model = tiny_model("unix_amv0")
+    embeds = model.get_input_embeddings()(torch.tensor([[20, 21]]))
+    with pytest.raises(ValueError, match="vision_mask"):
+        model(inputs_embeds=embeds, use_cache=False)
+    out = model(inputs_embeds=embeds, vision_mask=torch.zeros(1, 2, dtype=torch.bool), use_cache=False)
+    torch.testing.assert_close(out.logits, model(torch.tensor([[20, 21]]), use_cache=False).logits)
+
+
+def test_config_vocab_filled_at_build_time():
+    from modeling.vocab import CodeVocab
+
+    cfg = tiny_config().with_vocab(CodeVocab(120, (32, 16), 10, 11))
+    assert isinstance(cfg, UniXConfig)
+    assert cfg.vocab_size == 168 and cfg.code_vocab.image_token_range == (120, 168)

@@ -1,0 +1,94 @@
+"""Argument groups: stated precedence (defaults < YAML < CLI), reference knob names, errors that name the field."""
+
+from pathlib import Path
+
+import pytest
+
+from uni_arch.train.args import parse_args
+
+BASE = ["--model_config", "cfg.json", "--output_dir", "out", "--use_cpu", "true"]
+
+
+def _yaml(tmp_path: Path, text: str) -> str:
+    p = tmp_path / "preset.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_precedence_defaults_yaml_cli(tmp_path):
+    cfg = _yaml(tmp_path, "learning_rate: 0.001\nuse_data_packing: 1\nmax_steps: 7\nt2i_ratio: 0.25\n")
+    m, d, t = parse_args(["--config", cfg, *BASE, "--learning_rate", "0.01"])
+    assert t.learning_rate == 0.01  # CLI beats YAML
+    assert t.max_steps == 7 and d.use_data_packing == 1 and d.t2i_ratio == 0.25  # YAML beats defaults
+    assert d.model_max_length == 2048 and m.unfreeze_keys == "train-all"  # defaults
+    assert t.remove_unused_columns is False
+
+
+@pytest.mark.parametrize(
+    "spec, custom_cls, variant",
+    [("x", "uni_qwen", "unix"), ("unix", "uni_qwen", "unix"), ("mot", "uni_qwen", "mot"), ("moe", "uni_qwen", "moe"),
+     ("x", "none", "dense")],
+)
+def test_reference_variant_mapping(spec, custom_cls, variant):
+    m, _, _ = parse_args([*BASE, "--model_spec_module", spec, "--custom_cls", custom_cls, "--model_version", "gemma"])
+    assert m.variant == variant
+
+
+def test_reference_knob_names_exist():
+    m, d, t = parse_args([
+        *BASE, "--data_path", "a/*.jsonl:0.7,b:0.3", "--streaming_data", "1", "--data_percentage", "0.5",
+        "--shuffle_seed", "3", "--vq_resolution", "512", "--vision_encode_layers", "2", "--vision_decode_layers", "1",
+        "--all_modal_visible", "1", "--unfreeze_keys", "vision,image_embeddings", "--ffn_vision_size", "64",
+        "--ffn_share_size", "64", "--model_max_length", "128", "--use_data_packing", "0", "--ignore_instruction", "0",
+        "--cfg_dropout", "0.2", "--skip_bad_records", "true", "--max_steps", "3",
+    ])
+    assert (m.vision_encode_layers, m.vision_decode_layers, m.all_modal_visible) == (2, 1, 1)
+    assert (d.streaming_data, d.data_percentage, d.use_data_packing, d.skip_bad_records) == (1, 0.5, 0, True)
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--t2i_ratio", "1.5"], "t2i_ratio=1.5"),
+        (["--data_percentage", "0"], "data_percentage=0.0"),
+        (["--all_modal_visible", "2"], "all_modal_visible=2"),
+        (["--vision_encode_layers", "-1"], "vision_encode_layers=-1"),
+        (["--model_max_length", "0"], "model_max_length=0"),
+        (["--image_level_sizes", "64,x"], "image_level_sizes"),
+        (["--no_such_flag", "1"], "no_such_flag"),
+    ],
+)
+def test_invalid_cli_values_name_the_field(extra, match):
+    with pytest.raises((ValueError, SystemExit), match=match):
+        parse_args([*BASE, *extra])
+
+
+def test_invalid_choice_on_cli_exits():
+    with pytest.raises(SystemExit):
+        parse_args([*BASE, "--use_data_packing", "3"])
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [("bogus_key: 1\n", r"preset.yaml: unknown key\(s\) \['bogus_key'\]"),
+     ("use_data_packing: 5\n", r"preset.yaml: use_data_packing=5 must be one of"),
+     ("model_spec_module: y\n", r"preset.yaml: model_spec_module='y'"),
+     ("- a\n- b\n", "mapping")],
+)
+def test_yaml_errors_name_file_and_key(tmp_path, text, match):
+    with pytest.raises(ValueError, match=match):
+        parse_args(["--config", _yaml(tmp_path, text), *BASE])
+
+
+def test_model_source_required():
+    with pytest.raises(ValueError, match="model_name_or_path and model_config are both empty"):
+        parse_args(["--output_dir", "out", "--use_cpu", "true"])
+
+
+def test_shipped_presets_parse():
+    root = Path(__file__).resolve().parents[1] / "configs" / "train"
+    presets = sorted(root.glob("*.yaml"))
+    assert presets, "configs/train/*.yaml missing"
+    for p in presets:
+        m, d, t = parse_args(["--config", str(p), "--output_dir", "out", "--model_config", "x.json"])
+        assert t.max_steps != 0, p

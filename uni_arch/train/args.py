@@ -1,0 +1,251 @@
+"""Training configuration: three argument groups, a YAML preset and command-line overrides.
+
+Precedence is stated and tested: **dataclass defaults < YAML preset (``--config x.yaml``) < command line**. Every
+knob of the reference ``train.sh`` exists under its reference name (``model_spec_module``, ``use_data_packing``,
+``unfreeze_keys``, ...). Invalid values and unknown keys -- on the command line or in the YAML -- fail before any
+work with a message that names the field (and the YAML file).
+
+Reference values are mapped, not copied blindly:
+
+* ``model_spec_module``: ``x``/``unix`` -> Uni-X (two-end separated layers), ``mot`` -> MoT, ``moe`` -> MoE,
+  ``dense`` -> plain Qwen2 with the expanded vocabulary.
+* ``custom_cls``: ``uni_qwen`` builds the family class chosen by ``model_spec_module``; ``none`` forces dense.
+* ``model_version``: the reference labelled its Qwen runs ``gemma``; both ``qwen2`` and ``gemma`` mean a Qwen2
+  decoder here (the label is kept so old scripts parse).
+* ``unfreeze_keys``: ``train-all``, or comma-separated name patterns (``fnmatch``, or plain substrings); the
+  pattern ``image_embeddings`` trains only the image-code ROWS of the (possibly tied) embedding through a gradient
+  mask.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+SPEC_TO_VARIANT = {"x": "unix", "unix": "unix", "mot": "mot", "moe": "moe", "dense": "dense"}
+
+
+def _check_01(name: str, value: int) -> None:
+    if value not in (0, 1):
+        raise ValueError(f"{name}={value!r} must be 0 or 1")
+
+
+def _check_fraction(name: str, value: float, low_open: bool = False) -> None:
+    ok = (0.0 < value <= 1.0) if low_open else (0.0 <= value <= 1.0)
+    if not ok:
+        raise ValueError(f"{name}={value!r} must be in {'(0, 1]' if low_open else '[0, 1]'}")
+
+
+@dataclass
+class ModelArguments:
+    """What to build: the checkpoint or config, the variant and its separated layers, what trains."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Checkpoint directory to start from (a previous stage, a converted Qwen2.5)."}
+    )
+    model_config: str | None = field(
+        default=None,
+        metadata={"help": "Model config json for a fresh random init (e.g. configs/model/tiny_unix.json); "
+                  "used when model_name_or_path is empty."},
+    )
+    model_version: str = field(
+        default="qwen2", metadata={"help": "Base decoder family.", "choices": ["qwen2", "gemma"]}
+    )
+    custom_cls: str = field(
+        default="uni_qwen",
+        metadata={"help": "uni_qwen: the Uni-X family class; none: plain dense Qwen2.", "choices": ["uni_qwen", "none"]},
+    )
+    model_spec_module: str = field(
+        default="x", metadata={"help": "Architecture variant (x = Uni-X).", "choices": sorted(SPEC_TO_VARIANT)}
+    )
+    vision_encode_layers: int | None = field(default=None, metadata={"help": "First layers with a vision twin."})
+    vision_decode_layers: int | None = field(default=None, metadata={"help": "Last layers with a vision twin."})
+    all_modal_visible: int | None = field(
+        default=None, metadata={"help": "1: separated layers attend across modalities of a document; 0: same modality only."}
+    )
+    ffn_vision_size: int | None = field(default=None, metadata={"help": "FFN width of the vision layers."})
+    ffn_share_size: int | None = field(default=None, metadata={"help": "FFN width of the shared layers."})
+    moe_every_k: int | None = field(default=None, metadata={"help": "MoE: every k-th layer is modality-routed."})
+    unfreeze_keys: str = field(
+        default="train-all",
+        metadata={"help": "train-all, or comma-separated parameter-name patterns to train (stage 1: "
+                  "'vision,image_embeddings')."},
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "Attention backend; empty = the model's recommended one for packed rows."}
+    )
+    tokenizer_path: str | None = field(
+        default=None, metadata={"help": "Text tokenizer: a directory or 'qwen2.5'. Empty = model_name_or_path."}
+    )
+    image_tokenizer: str = field(
+        default="shapes", metadata={"help": "Image tokenizer kind (for the code vocabulary).",
+                                    "choices": ["shapes", "chameleon", "hqvae"]}
+    )
+    image_tokenizer_path: str | None = field(
+        default=None, metadata={"help": "Image tokenizer checkpoint; empty = image_level_sizes or the model's config."}
+    )
+    image_level_sizes: str | None = field(
+        default=None, metadata={"help": "Codebook size per level ('8192' or '64,256') when no image tokenizer "
+                                "checkpoint is given (saves loading the VQ just for its sizes)."}
+    )
+
+    @property
+    def variant(self) -> str:
+        return "dense" if self.custom_cls == "none" else SPEC_TO_VARIANT[self.model_spec_module]
+
+    def __post_init__(self) -> None:
+        if not self.model_name_or_path and not self.model_config:
+            raise ValueError("model_name_or_path and model_config are both empty: give a checkpoint or a config json")
+        for name in ("vision_encode_layers", "vision_decode_layers", "moe_every_k"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name}={value} must be >= 0")
+        for name in ("ffn_vision_size", "ffn_share_size"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}={value} must be positive")
+        if self.all_modal_visible is not None:
+            _check_01("all_modal_visible", self.all_modal_visible)
+        if not self.unfreeze_keys.strip():
+            raise ValueError("unfreeze_keys is empty: use 'train-all' or name patterns")
+        if self.image_level_sizes is not None:
+            try:
+                sizes = [int(x) for x in str(self.image_level_sizes).split(",")]
+            except ValueError as e:
+                raise ValueError(f"image_level_sizes={self.image_level_sizes!r} must be comma-separated integers") from e
+            if not sizes or min(sizes) <= 0:
+                raise ValueError(f"image_level_sizes={self.image_level_sizes!r} must be positive")
+        if self.model_spec_module not in SPEC_TO_VARIANT:
+            raise ValueError(f"model_spec_module={self.model_spec_module!r} must be one of {sorted(SPEC_TO_VARIANT)}")
+
+
+@dataclass
+class DataArguments:
+    """Where the records are and how they become packed rows."""
+
+    data_path: str = field(
+        default="data/shapes_codes",
+        metadata={"help": "Record files, globs or folders; several sources with weights: 'a/*.jsonl:0.7,b:0.3'."},
+    )
+    streaming_data: int = field(default=0, metadata={"help": "1: stream the jsonl shards instead of loading them."})
+    data_percentage: float = field(default=1.0, metadata={"help": "Fraction of every source to use, (0, 1]."})
+    t2i_ratio: float = field(default=0.5, metadata={"help": "Probability that an image_text record is text-to-image."})
+    cfg_dropout: float = field(default=0.1, metadata={"help": "Probability of the unconditional prompt in t2i samples."})
+    ignore_instruction: int = field(default=1, metadata={"help": "1: no loss on prompts/instructions."})
+    shuffle_seed: int = field(default=218, metadata={"help": "Seed of the record shuffle and sample rendering."})
+    vq_resolution: int = field(default=64, metadata={"help": "Image resolution the codes were made at (recorded)."})
+    model_max_length: int = field(default=2048, metadata={"help": "Row capacity in tokens (packing) / max sample length."})
+    use_data_packing: int = field(
+        default=2, metadata={"help": "0: pad batches; 1: pretraining packing; 2: SFT packing.", "choices": [0, 1, 2]}
+    )
+    overlong: str = field(
+        default="split", metadata={"help": "Samples longer than a row: split at text or drop.", "choices": ["split", "drop"]}
+    )
+    packing_buffer: int = field(default=512, metadata={"help": "Streaming: samples packed together per buffer."})
+    skip_bad_records: bool = field(default=False, metadata={"help": "Count and skip malformed records instead of stopping."})
+    size_tags: bool = field(default=False, metadata={"help": "Put <height_h><width_w> before the codes."})
+    system_prompt: str | None = field(default=None, metadata={"help": "System prompt of conversation samples."})
+    template_dir: str | None = field(default=None, metadata={"help": "Chat template directory (default: configs/chat_templates)."})
+
+    def __post_init__(self) -> None:
+        _check_01("streaming_data", self.streaming_data)
+        _check_01("ignore_instruction", self.ignore_instruction)
+        _check_fraction("data_percentage", self.data_percentage, low_open=True)
+        _check_fraction("t2i_ratio", self.t2i_ratio)
+        _check_fraction("cfg_dropout", self.cfg_dropout)
+        if self.use_data_packing not in (0, 1, 2):
+            raise ValueError(f"use_data_packing={self.use_data_packing!r} must be 0, 1 or 2")
+        if self.model_max_length <= 0:
+            raise ValueError(f"model_max_length={self.model_max_length} must be positive")
+        if self.packing_buffer <= 0:
+            raise ValueError(f"packing_buffer={self.packing_buffer} must be positive")
+        if not self.data_path.strip():
+            raise ValueError("data_path is empty")
+
+
+@dataclass
+class UniTrainingArguments(TrainingArguments):
+    """HF TrainingArguments with the defaults this pipeline needs and the curve outputs."""
+
+    # Rows are dicts of our own keys; the Trainer must not drop them by the model's forward signature.
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the collator owns the keys."})
+    write_loss_curves: bool = field(
+        default=True, metadata={"help": "Write loss_curves.csv/.png (per-modality losses) into output_dir."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.remove_unused_columns:
+            raise ValueError("remove_unused_columns=True would drop the packed-row keys; keep it False")
+        super().__post_init__()
+
+
+ARG_GROUPS = (ModelArguments, DataArguments, UniTrainingArguments)
+
+
+class UniArgumentParser(HfArgumentParser):
+    """``HfArgumentParser`` with a ``--config x.yaml`` preset under the command line."""
+
+    def parse_with_config(self, argv: list[str] | None = None) -> tuple[Any, ...]:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        config_path, argv = _pop_config(argv)
+        if config_path is not None:
+            preset = load_yaml_preset(config_path, self.known_fields())
+            self._check_choices(preset, config_path)
+            self.set_defaults(**preset)
+        return self.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+
+    def _check_choices(self, preset: dict[str, Any], path: str) -> None:
+        """argparse checks ``choices`` only on the command line; check the YAML values the same way."""
+        for dtype in self.dataclass_types:
+            for f in fields(dtype):
+                choices = f.metadata.get("choices")
+                if choices is not None and f.name in preset and preset[f.name] not in choices:
+                    raise ValueError(f"{path}: {f.name}={preset[f.name]!r} must be one of {choices}")
+
+    def known_fields(self) -> set[str]:
+        return {f.name for dtype in self.dataclass_types for f in fields(dtype) if f.init}
+
+
+def _pop_config(argv: list[str]) -> tuple[str | None, list[str]]:
+    out, config = [], None
+    it = iter(range(len(argv)))
+    for i in it:
+        arg = argv[i]
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise ValueError("--config needs a YAML path")
+            config = argv[i + 1]
+            next(it, None)
+        elif arg.startswith("--config="):
+            config = arg.split("=", 1)[1]
+        else:
+            out.append(arg)
+    return config, out
+
+
+def load_yaml_preset(path: str | Path, known: set[str]) -> dict[str, Any]:
+    """Read a flat YAML preset; unknown keys are an error naming the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a training preset is a mapping of argument names to values")
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown}; see `python uni_arch/train/hf_trainer.py --help`")
+    return data
+
+
+def make_parser() -> UniArgumentParser:
+    return UniArgumentParser(ARG_GROUPS)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, UniTrainingArguments]:
+    """defaults < YAML (``--config``) < command line; validation errors name the field."""
+    return make_parser().parse_with_config(argv)

@@ -1,0 +1,202 @@
+"""Named builders called by the entry point; each takes only the argument group it needs.
+
+tokenizer -> code vocabulary -> sample builder -> dataset -> model -> trainable parameters. The model is built
+*after* the dataset so that a bad corpus fails before a large checkpoint is loaded.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from loguru import logger
+
+from modeling.vocab import CodeVocab
+from uni_arch.train.args import DataArguments, ModelArguments, UniTrainingArguments
+
+IMAGE_EMBEDDINGS = "image_embeddings"
+ARCH_FIELDS = ("vision_encode_layers", "vision_decode_layers", "all_modal_visible", "ffn_vision_size",
+               "ffn_share_size", "moe_every_k")
+
+
+# -------------------------------------------------------------------------------------- tokenizers
+def build_tokenizer(model_args: ModelArguments):
+    """The text tokenizer (a directory or ``qwen2.5``), from ``tokenizer_path`` or the checkpoint directory."""
+    from data_process.text_tokenizer import load_text_tokenizer
+
+    source = model_args.tokenizer_path or model_args.model_name_or_path
+    if not source:
+        raise ValueError("tokenizer_path is empty and there is no model_name_or_path to read a tokenizer from")
+    return load_text_tokenizer(source)
+
+
+def _checkpoint_config(model_args: ModelArguments):
+    if not model_args.model_name_or_path:
+        return None
+    from transformers import AutoConfig
+
+    import modeling  # noqa: F401  registers unix_qwen2 with AutoConfig
+
+    return AutoConfig.from_pretrained(model_args.model_name_or_path)
+
+
+def build_code_vocab(model_args: ModelArguments, tokenizer) -> CodeVocab:
+    """Image ids start at ``len(tokenizer)``; codebook sizes come from the image tokenizer or the checkpoint."""
+    if model_args.image_tokenizer_path:
+        from modeling.vq import load_image_tokenizer
+
+        level_sizes = load_image_tokenizer(model_args.image_tokenizer, model_args.image_tokenizer_path).level_sizes
+    elif model_args.image_level_sizes:
+        level_sizes = [int(x) for x in str(model_args.image_level_sizes).split(",")]
+    else:
+        config = _checkpoint_config(model_args)
+        if config is None or not hasattr(config, "image_level_sizes"):
+            raise ValueError("image_tokenizer_path and image_level_sizes are empty and model_name_or_path has no "
+                             "image_level_sizes: give the image tokenizer checkpoint so the code vocabulary is known")
+        level_sizes = config.image_level_sizes
+    vocab = CodeVocab.from_tokenizer(tokenizer, level_sizes)
+    logger.info(f"code vocabulary: {vocab.to_dict()} (total {vocab.total_vocab_size} ids)")
+    return vocab
+
+
+# ------------------------------------------------------------------------------------------- data
+def build_sample_builder(data_args: DataArguments, tokenizer, code_vocab: CodeVocab):
+    from uni_arch.train.templates import SampleBuilder
+
+    kwargs: dict[str, Any] = dict(
+        t2i_ratio=data_args.t2i_ratio, cfg_dropout=data_args.cfg_dropout,
+        ignore_instruction=bool(data_args.ignore_instruction), size_tags=data_args.size_tags,
+        system_prompt=data_args.system_prompt, seed=data_args.shuffle_seed,
+    )
+    if data_args.template_dir:
+        kwargs["template_dir"] = data_args.template_dir
+    return SampleBuilder(tokenizer, code_vocab, **kwargs)
+
+
+def build_train_dataset(data_args: DataArguments, training_args: UniTrainingArguments, sample_builder, code_vocab):
+    """Map-style packed rows, or a stream of them (``streaming_data=1``; needs ``max_steps``)."""
+    from uni_arch.train import dataset as ds
+
+    sources = ds.parse_data_path(data_args.data_path)
+    common = dict(seq_len=data_args.model_max_length, mode=data_args.use_data_packing, overlong=data_args.overlong,
+                  percentage=data_args.data_percentage, seed=data_args.shuffle_seed,
+                  skip_bad_records=data_args.skip_bad_records)
+    if data_args.streaming_data:
+        if training_args.max_steps <= 0:
+            raise ValueError("streaming_data=1 needs max_steps > 0 (a stream has no length to derive epochs from)")
+        num_shards = max(8, training_args.world_size * max(1, training_args.dataloader_num_workers))
+        return ds.build_streaming_dataset(sources, sample_builder, code_vocab, buffer=data_args.packing_buffer,
+                                          num_shards=num_shards, **common)
+    return ds.build_map_dataset(sources, sample_builder, code_vocab,
+                                batch_size=training_args.per_device_train_batch_size, **common)
+
+
+# ------------------------------------------------------------------------------------------ model
+def _fresh_config(model_args: ModelArguments, code_vocab: CodeVocab):
+    from modeling import UniXConfig
+
+    d = json.loads(Path(model_args.model_config).read_text(encoding="utf-8"))
+    for key in ("model_type", "transformers_version", "architectures"):
+        d.pop(key, None)
+    d["variant"] = model_args.variant
+    if d["variant"] != "unix":
+        d["vision_encode_layers"] = d["vision_decode_layers"] = 0
+    for name in ARCH_FIELDS:
+        value = getattr(model_args, name)
+        if value is not None:
+            d[name] = value
+    return UniXConfig(**d).with_vocab(code_vocab)
+
+
+def _check_checkpoint(config, model_args: ModelArguments, code_vocab: CodeVocab) -> None:
+    """A checkpoint's architecture and vocabulary are fixed: a disagreeing argument is an error, not a rebuild."""
+    if getattr(config, "variant", "dense") != model_args.variant and config.model_type == "unix_qwen2":
+        raise ValueError(f"model_spec_module/custom_cls ask for variant {model_args.variant!r} but "
+                         f"{model_args.model_name_or_path} is a {config.variant!r} checkpoint")
+    for name in ARCH_FIELDS:
+        value = getattr(model_args, name)
+        if value is not None and getattr(config, name, value) != value:
+            raise ValueError(f"{name}={value} disagrees with {model_args.model_name_or_path} "
+                             f"({name}={getattr(config, name)}); drop the argument or convert the checkpoint")
+    if hasattr(config, "code_vocab") and config.code_vocab != code_vocab:
+        raise ValueError(f"{model_args.model_name_or_path} was built for the code vocabulary {config.code_vocab} but "
+                         f"the tokenizers give {code_vocab}: use the checkpoint's own tokenizer")
+
+
+def default_attn_implementation(packing: int) -> str:
+    """Packed rows on CPU/GPU: the per-document varlen path (``unix_packed``); padded batches: sdpa."""
+    return "unix_packed" if packing else "sdpa"
+
+
+def build_model(model_args: ModelArguments, data_args: DataArguments, code_vocab: CodeVocab):
+    import modeling
+    from transformers import AutoModelForCausalLM
+
+    attn = model_args.attn_implementation or default_attn_implementation(data_args.use_data_packing)
+    if model_args.model_name_or_path:
+        config = _checkpoint_config(model_args)
+        _check_checkpoint(config, model_args, code_vocab)
+        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, attn_implementation=attn,
+                                                     dtype=torch.float32)
+    else:
+        config = _fresh_config(model_args, code_vocab)
+        model = modeling.build_model(config)
+        model.set_attn_implementation(attn)
+    model.config.use_cache = False
+    n = sum(p.numel() for p in model.parameters())
+    logger.info(f"model: {type(model).__name__} variant={getattr(model.config, 'variant', 'dense')} "
+                f"layer_kinds={getattr(model.config, 'layer_kinds', None)} attn={attn} params={n / 1e6:.2f}M")
+    return model
+
+
+# -------------------------------------------------------------------------------- trainable params
+def _row_mask_hook(param: torch.nn.Parameter, rows: torch.Tensor):
+    """Zero the gradient of every row not in ``rows``: only those rows of a shared matrix learn."""
+    mask = torch.zeros(param.shape[0], 1, dtype=param.dtype, device=param.device)
+    mask[rows] = 1
+    return param.register_hook(lambda grad: grad * mask.to(grad.device, grad.dtype))
+
+
+def apply_unfreeze(model: torch.nn.Module, unfreeze_keys: str, code_vocab: CodeVocab, weight_decay: float = 0.0) -> dict:
+    """``train-all`` or comma-separated patterns (fnmatch, else substring) of parameter names to train.
+
+    ``image_embeddings`` trains only the image-code rows (and ``<|vision_start|>``/``<|vision_end|>``) of the input
+    embedding and of the output head, through a gradient mask: the text rows receive a zero gradient. With AdamW a
+    zero gradient means a zero update, but decoupled weight decay would still shrink the text rows, hence the
+    check on ``weight_decay``. Every pattern must match something (a typo must not freeze the whole model).
+    """
+    keys = [k.strip() for k in unfreeze_keys.split(",") if k.strip()]
+    if keys == ["train-all"]:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return {"trainable": sum(p.numel() for p in model.parameters()), "hooks": 0}
+    patterns = [k for k in keys if k != IMAGE_EMBEDDINGS]
+    matched = {k: 0 for k in patterns}
+    for name, p in model.named_parameters():
+        hit = [k for k in patterns if (fnmatch.fnmatch(name, k) if any(c in k for c in "*?[") else k in name)]
+        p.requires_grad_(bool(hit))
+        for k in hit:
+            matched[k] += 1
+    missing = [k for k, n in matched.items() if n == 0]
+    if missing:
+        raise ValueError(f"unfreeze_keys: pattern(s) {missing} match no parameter name "
+                         f"(e.g. {[n for n, _ in list(model.named_parameters())[:4]]})")
+    hooks = 0
+    if IMAGE_EMBEDDINGS in keys:
+        if weight_decay:
+            raise ValueError(f"unfreeze_keys={IMAGE_EMBEDDINGS!r} with weight_decay={weight_decay}: decay would "
+                             "shrink the frozen text rows; use weight_decay=0 for this stage")
+        start, end = code_vocab.image_token_range
+        rows = torch.cat([torch.arange(start, end), torch.tensor([code_vocab.vision_start_id, code_vocab.vision_end_id])])
+        matrices = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                    if m is not None}
+        for w in matrices.values():  # tied embeddings are one matrix: one hook
+            w.requires_grad_(True)
+            _row_mask_hook(w, rows)
+            hooks += 1
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info(f"unfreeze_keys={unfreeze_keys!r}: {trainable / 1e6:.2f}M trainable parameters, {hooks} row-mask hook(s)")
+    return {"trainable": trainable, "hooks": hooks}

@@ -1,0 +1,393 @@
+"""Records -> rendered samples -> packed rows, as a map-style dataset or a stream.
+
+``data_path`` names one or more sources, each a file, a glob or a folder of ``*.jsonl`` record shards, with an
+optional mixing weight: ``data/shapes_codes/shapes_captions:0.7,data/shapes_codes/shapes_text/*.jsonl:0.3``.
+Weights are mixture proportions: the epoch keeps the total number of selected records and each source is up- or
+down-sampled (deterministically, with ``shuffle_seed``) to its share.
+
+**Validation first.** Every record is parsed and its image codes are range-checked against the code vocabulary
+*before* training starts: a malformed record or an out-of-range code stops the run with ``file:line: field:
+problem`` (``skip_bad_records`` counts, warns and skips instead). A code is never clamped.
+
+**Determinism.** A sample's random choices (text-to-image or image-to-text, CFG dropout, question wording) come from
+an rng seeded by ``(shuffle_seed, record id)``, so they do not depend on order, rank or worker. Given the seed the
+rows are a pure function of the data, which is what makes resuming exact: the Trainer's resume skips the batches
+already consumed (map-style: through its seeded sampler; streaming: by re-reading the deterministic stream), so no
+sample is trained twice or skipped within an epoch (``tests/test_train_resume.py``).
+
+**Ranks.** Map-style rows are split across ranks by the Trainer's distributed sampler. The stream is a
+``datasets.IterableDataset`` over ``num_shards`` virtual shards (record ``i`` of a source belongs to shard
+``i % num_shards``); accelerate gives each rank its own shards, so ranks read disjoint records.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+import numpy as np
+from loguru import logger
+from tqdm import tqdm
+
+from data_process.schema import Record, RecordError, record_from_dict
+from modeling.vocab import CodeVocab
+from uni_arch.train.packing import pack, padded_utilisation
+from uni_arch.train.templates import SampleError
+
+Span = tuple[int, int]
+
+
+class SampleLike(Protocol):
+    input_ids: Sequence[int]
+    labels: Sequence[int]
+    image_spans: Sequence[Span]
+
+
+class SampleBuilderLike(Protocol):
+    def build(self, record: Record, rng: random.Random) -> SampleLike: ...
+
+
+@dataclass(frozen=True)
+class Source:
+    """One entry of ``data_path``: its files (sorted, so the order is reproducible) and its mixing weight."""
+
+    spec: str
+    files: tuple[Path, ...]
+    weight: float
+
+
+@dataclass(frozen=True)
+class Located:
+    """A record and where it came from, so that a sample-building error still names ``file:line``."""
+
+    record: Record
+    path: Path
+    line: int
+
+
+@dataclass
+class RenderedSample:
+    """A sample reduced to what packing and the collator need (int32 arrays keep 10^5 samples small)."""
+
+    sample_id: str
+    input_ids: np.ndarray
+    labels: np.ndarray
+    image_spans: list[Span]
+
+
+# ------------------------------------------------------------------------------------------ data_path
+def _split_weight(item: str) -> tuple[str, float]:
+    head, sep, tail = item.rpartition(":")
+    if sep:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return item, 1.0
+
+
+def parse_data_path(spec: str) -> list[Source]:
+    """Resolve ``data_path`` into sources; a source that matches no jsonl file is an error naming it."""
+    sources = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        path, weight = _split_weight(item)
+        if not weight > 0:
+            raise ValueError(f"data_path: source {item!r} has weight {weight}; weights must be positive")
+        p = Path(path)
+        if any(ch in path for ch in "*?["):
+            files = sorted(Path(f) for f in glob.glob(path, recursive=True) if f.endswith(".jsonl"))
+        elif p.is_dir():
+            files = sorted(p.rglob("*.jsonl"))
+        else:
+            files = [p] if p.is_file() else []
+        if not files:
+            raise FileNotFoundError(f"data_path: source {path!r} matches no .jsonl record file")
+        sources.append(Source(item, tuple(files), weight))
+    if not sources:
+        raise ValueError(f"data_path={spec!r} names no source")
+    return sources
+
+
+# --------------------------------------------------------------------------------------- validation
+def check_record_codes(record: Record, vocab: CodeVocab, path: str | Path | None, line: int | None) -> None:
+    """Raise :class:`RecordError` if any image code is outside the configured codebook (never clamp)."""
+    for i, image in enumerate(record.images):
+        try:
+            vocab.codes_to_ids(image.codes, 0 if image.levels is None else image.levels)
+        except ValueError as e:
+            raise RecordError(path, line, f"images[{i}].codes", str(e)) from e
+
+
+class BadRecordCounter:
+    """The ``skip_bad_records`` policy: raise (default) or count, keep the first few messages and go on."""
+
+    def __init__(self, skip: bool):
+        self.skip, self.count, self.examples = skip, 0, []
+
+    def __call__(self, err: RecordError) -> None:
+        if not self.skip:
+            raise err
+        self.count += 1
+        if len(self.examples) < 5:
+            self.examples.append(str(err))
+
+    def report(self) -> None:
+        if self.count:
+            logger.warning(f"skipped {self.count} bad record(s) (skip_bad_records); first: {self.examples}")
+
+
+def iter_source_records(source: Source, vocab: CodeVocab, on_bad: BadRecordCounter) -> Iterator[Located]:
+    """Every valid record of a source with its place, in file order; bad ones go to ``on_bad`` (raises unless
+    skipping)."""
+    for path in source.files:
+        with open(path, encoding="utf-8") as f:
+            for lineno, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    try:
+                        obj = json.loads(raw)
+                    except json.JSONDecodeError as e:
+                        raise RecordError(path, lineno, "<json>", f"malformed json ({e.msg} at column {e.colno})") from e
+                    record = record_from_dict(obj, path, lineno)
+                    check_record_codes(record, vocab, path, lineno)
+                except RecordError as e:
+                    on_bad(e)
+                    continue
+                yield Located(record, path, lineno)
+
+
+# ------------------------------------------------------------------------------------------- mixing
+def mix_indices(sizes: Sequence[int], weights: Sequence[float], percentage: float, seed: int) -> list[tuple[int, int]]:
+    """``(source, index)`` pairs of one epoch: each source shuffled, cut to ``percentage``, resampled to its weight.
+
+    >>> mix_indices([4, 2], [1.0, 1.0], 1.0, 0).__len__()
+    6
+    """
+    rng = random.Random(seed)
+    kept = []
+    for s, n in enumerate(sizes):
+        order = list(range(n))
+        rng.shuffle(order)
+        kept.append(order[: max(1, math.floor(n * percentage))] if n else [])
+    total = sum(len(k) for k in kept)
+    if len(sizes) == 1:
+        targets = [total]
+    else:
+        targets = [round(total * w / sum(weights)) for w in weights]
+    out = []
+    for s, (k, target) in enumerate(zip(kept, targets)):
+        if not k:
+            raise ValueError(f"data_path: source {s} has no valid records")
+        repeats = [k[i % len(k)] for i in range(target)]  # deterministic up-/down-sampling
+        out.extend((s, i) for i in repeats)
+    rng.shuffle(out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ render
+def render(item: Located, builder: SampleBuilderLike, seed: int) -> RenderedSample:
+    """Build one sample with an rng private to ``(seed, record.id)`` (order-, rank- and worker-independent)."""
+    record = item.record
+    try:
+        sample = builder.build(record, random.Random(f"{seed}:{record.id}"))
+    except SampleError as e:
+        raise RecordError(item.path, item.line, "<sample>", str(e)) from e
+    ids = np.asarray(sample.input_ids, dtype=np.int32)
+    labels = np.asarray(sample.labels, dtype=np.int32)
+    if ids.shape != labels.shape or ids.size == 0:
+        raise ValueError(f"record {record.id!r}: sample builder returned {ids.size} ids and {labels.size} labels")
+    return RenderedSample(record.id, ids, labels, [tuple(map(int, s)) for s in sample.image_spans])
+
+
+def render_all(items: Sequence[Located], builder: SampleBuilderLike, seed: int, on_bad: BadRecordCounter,
+               desc: str | None = None) -> list[RenderedSample]:
+    """Render records; one that cannot become a sample is a bad record (raised, or counted and skipped)."""
+    out = []
+    for item in tqdm(items, desc=desc, mininterval=5, disable=desc is None):
+        try:
+            out.append(render(item, builder, seed))
+        except RecordError as e:
+            on_bad(e)
+    return out
+
+
+def rows_from_samples(
+    samples: Sequence[RenderedSample], seq_len: int, mode: int, overlong: str, log_prefix: str = ""
+) -> list[dict[str, Any]]:
+    """Pack rendered samples into collator rows; log utilisation and what happened to overlong samples."""
+    result = pack([len(s.input_ids) for s in samples], seq_len, mode, [s.image_spans for s in samples], overlong)
+    if result.dropped or result.split:
+        logger.warning(
+            f"{log_prefix}{len(result.dropped)} sample(s) longer than model_max_length={seq_len} dropped, "
+            f"{len(result.split)} split at text positions (overlong={overlong})"
+        )
+    rows = []
+    for row in result.rows:
+        rows.append(
+            {
+                "input_ids": np.concatenate([samples[p.sample].input_ids[p.start : p.end] for p in row]),
+                "labels": np.concatenate([samples[p.sample].labels[p.start : p.end] for p in row]),
+                "doc_lens": [p.length for p in row],
+                "sample_ids": [samples[p.sample].sample_id for p in row],
+            }
+        )
+    return rows
+
+
+def log_utilisation(rows: Sequence[dict[str, Any]], seq_len: int, mode: int, batch_size: int, prefix: str = "") -> float:
+    """Real tokens / row capacity (mode 0: / padded batch size, for consecutive batches of ``batch_size``)."""
+    lengths = [len(r["input_ids"]) for r in rows]
+    if mode == 0:
+        value = padded_utilisation(lengths, batch_size)
+    else:
+        value = sum(lengths) / (len(lengths) * seq_len) if lengths else 0.0
+    logger.info(f"{prefix}{len(rows)} rows, {sum(lengths)} tokens, token utilisation {value:.4f} (use_data_packing={mode})")
+    return value
+
+
+# --------------------------------------------------------------------------------------- map-style
+class PackedRowDataset:
+    """Map-style dataset of packed rows (a plain sequence; the Trainer's sampler shuffles and shards it)."""
+
+    def __init__(self, rows: list[dict[str, Any]]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.rows[i]
+
+
+def build_map_dataset(
+    sources: Sequence[Source],
+    builder: SampleBuilderLike,
+    vocab: CodeVocab,
+    *,
+    seq_len: int,
+    mode: int,
+    overlong: str = "split",
+    percentage: float = 1.0,
+    seed: int = 0,
+    skip_bad_records: bool = False,
+    batch_size: int = 1,
+) -> PackedRowDataset:
+    """Validate every record, render the mixed epoch, pack it: everything before training starts."""
+    on_bad = BadRecordCounter(skip_bad_records)
+    per_source = [list(iter_source_records(s, vocab, on_bad)) for s in sources]
+    order = mix_indices([len(r) for r in per_source], [s.weight for s in sources], percentage, seed)
+    samples = render_all([per_source[s][i] for s, i in order], builder, seed, on_bad, desc="render samples")
+    on_bad.report()
+    rows = rows_from_samples(samples, seq_len, mode, overlong)
+    log_utilisation(rows, seq_len, mode, batch_size)
+    return PackedRowDataset(rows)
+
+
+# ---------------------------------------------------------------------------------------- streaming
+def _keep(index: int, percentage: float) -> bool:
+    """Deterministic subsample of a stream (a multiplicative hash of the record index)."""
+    return percentage >= 1.0 or ((index * 2654435761) % 2**32) / 2**32 < percentage
+
+
+def stream_rows(
+    shards: Sequence[int],
+    *,
+    num_shards: int,
+    sources: Sequence[Source],
+    builder: SampleBuilderLike,
+    vocab: CodeVocab,
+    seq_len: int,
+    mode: int,
+    overlong: str,
+    percentage: float,
+    seed: int,
+    skip_bad_records: bool,
+    buffer: int,
+) -> Iterator[dict[str, Any]]:
+    """Rows of the given virtual shards: interleave sources by weight, render, pack every ``buffer`` samples."""
+    for shard in shards:
+        rng = random.Random(f"{seed}:shard:{shard}")
+        on_bad = BadRecordCounter(skip_bad_records)
+        its = [_shard_records(s, vocab, on_bad, shard, num_shards, percentage) for s in sources]
+        weights = [s.weight for s in sources]
+        pending: list[RenderedSample] = []
+        while True:
+            k = rng.choices(range(len(its)), weights=weights)[0] if len(its) > 1 else 0
+            item = next(its[k], None)
+            if item is None:  # first exhausted source ends the shard: keeps the mixture proportions
+                break
+            pending.extend(render_all([item], builder, seed, on_bad))
+            if len(pending) == buffer:
+                yield from _shuffled(rows_from_samples(pending, seq_len, mode, overlong, f"shard {shard}: "), rng)
+                pending = []
+        if pending:
+            yield from _shuffled(rows_from_samples(pending, seq_len, mode, overlong, f"shard {shard}: "), rng)
+        on_bad.report()
+
+
+def _shuffled(rows: list[dict[str, Any]], rng: random.Random) -> list[dict[str, Any]]:
+    rng.shuffle(rows)
+    return rows
+
+
+def _shard_records(source: Source, vocab, on_bad, shard: int, num_shards: int, percentage: float) -> Iterator[Located]:
+    for index, item in enumerate(iter_source_records(source, vocab, on_bad)):
+        if index % num_shards == shard and _keep(index, percentage):
+            yield item
+
+
+def validate_sources(sources: Sequence[Source], vocab: CodeVocab, skip_bad_records: bool) -> int:
+    """Scan every record once before a streamed run, so a bad corpus stops it before step 1."""
+    on_bad = BadRecordCounter(skip_bad_records)
+    n = sum(1 for s in sources for _ in tqdm(iter_source_records(s, vocab, on_bad), desc=f"validate {s.spec}",
+                                              mininterval=5))
+    on_bad.report()
+    return n
+
+
+def build_streaming_dataset(
+    sources: Sequence[Source],
+    builder: SampleBuilderLike,
+    vocab: CodeVocab,
+    *,
+    seq_len: int,
+    mode: int,
+    overlong: str = "split",
+    percentage: float = 1.0,
+    seed: int = 0,
+    skip_bad_records: bool = False,
+    buffer: int = 512,
+    num_shards: int = 8,
+    validate: bool = True,
+):
+    """A ``datasets.IterableDataset`` of packed rows over ``num_shards`` virtual shards (see the module doc)."""
+    import datasets
+
+    if validate:
+        validate_sources(sources, vocab, skip_bad_records)
+    features = datasets.Features(
+        {
+            "input_ids": datasets.Sequence(datasets.Value("int32")),
+            "labels": datasets.Sequence(datasets.Value("int32")),
+            "doc_lens": datasets.Sequence(datasets.Value("int32")),
+            "sample_ids": datasets.Sequence(datasets.Value("string")),
+        }
+    )
+    gen: Callable[..., Iterator[dict[str, Any]]] = stream_rows
+    return datasets.IterableDataset.from_generator(
+        gen,
+        features=features,
+        gen_kwargs=dict(
+            shards=list(range(num_shards)), num_shards=num_shards, sources=tuple(sources), builder=builder,
+            vocab=vocab, seq_len=seq_len, mode=mode, overlong=overlong, percentage=percentage, seed=seed,
+            skip_bad_records=skip_bad_records, buffer=buffer,
+        ),
+    )

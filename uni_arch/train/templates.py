@@ -1,0 +1,372 @@
+"""Records -> training samples ``(input_ids, labels, modality, image_spans)``, built segment by segment.
+
+The loss mask is built *with* the ids (STYLE.md practice 11): every piece of the sample is appended together with
+whether it is trained and which modality it is, so nothing is reconstructed from token counts afterwards.
+
+Chat markup comes from files, not code: ``configs/chat_templates/chatml.yaml`` holds the role header, turn end,
+separator, document EOS, the text-to-image instruction, the unconditional prompt and the captioning questions;
+``chatml.jinja`` holds the same ChatML for ``tokenizer.apply_chat_template``. For a text-only conversation the
+renderer produces exactly the ids of ``apply_chat_template`` (tested), because consecutive text pieces are joined
+into one string and tokenized at once, as the jinja path does; per-character trained flags are carried through
+the tokenizer's offset mapping (a token is trained if any of its characters is). Image blocks cut text runs:
+``<|vision_start|>`` [size tag] codes ``<|vision_end|>`` are appended as ids.
+
+Masking rules (``ignore_instruction=True``; with ``False`` every token is trained):
+
+* ``text``: the text and ``<|endoftext|>``, all trained.
+* chat turns: the header ``<|im_start|>{role}\\n`` is masked; assistant content and its ``<|im_end|>`` are trained;
+  user/system turns are masked; the ``\\n`` after ``<|im_end|>`` is never trained.
+* an image that *opens* an assistant turn (t2i, edit targets) is generated after a forced ``<|vision_start|>``
+  (inference prompts end with it), so its ``<|vision_start|>`` is masked with the prompt; the size tag, codes,
+  ``<|vision_end|>`` and ``<|im_end|>`` are trained. An image later in a trained span keeps ``<|vision_start|>``
+  trained: there the model itself decides to start an image.
+* ``interleaved``: a plain document (no chat markup) of the turns' values joined by ``interleaved_separator``;
+  human values are masked, the rest trained, then ``<|endoftext|>``.
+
+``modality`` is 1 for image codes and ``<|vision_start|>`` (DESIGN.md's definition of a vision token) and 0 for
+everything else, size tags and ``<|vision_end|>`` included.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from data_process.schema import ImageCodes, Record
+from modeling.vocab import CodeVocab, size_tag
+
+IGNORE_INDEX = -100
+TEXT, VISION = 0, 1
+SAMPLE_KINDS = ("text", "t2i", "i2t", "conversation", "edit", "interleaved")
+DEFAULT_TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "configs" / "chat_templates"
+
+
+class SampleError(ValueError):
+    """A record that cannot become a sample; the message names the record id (and image index)."""
+
+
+@dataclass
+class Sample:
+    """One training sample; all per-token lists have the same length."""
+
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where not trained
+    modality: list[int]  # 0 text, 1 vision (image codes and <|vision_start|>)
+    image_spans: list[tuple[int, int]]  # [start, end) of each image block, <|vision_start|>..<|vision_end|> inclusive
+    kind: str  # one of SAMPLE_KINDS
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_trained(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+# ------------------------------------------------------------------------------------------ chat format
+@dataclass(frozen=True)
+class ChatFormat:
+    """The training-side description of a chat template (``configs/chat_templates/<name>.yaml``)."""
+
+    chat_template: str
+    roles: dict[str, str]
+    turn_start: str
+    turn_end: str
+    turn_separator: str
+    generation_prompt: str
+    document_eos: str
+    interleaved_separator: str
+    image_placeholder: str
+    system_prompt: str | None
+    t2i_instruction: str
+    unconditional_prompt: str
+    i2t_questions: tuple[str, ...]
+    source: str = ""
+
+    @classmethod
+    def load(cls, template_dir: str | Path | None = None, name: str = "chatml") -> "ChatFormat":
+        path = Path(template_dir if template_dir is not None else DEFAULT_TEMPLATE_DIR) / f"{name}.yaml"
+        if not path.is_file():
+            raise FileNotFoundError(f"chat format {path} not found (template_dir holds <name>.yaml and its jinja)")
+        raw: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
+        known = {f for f in cls.__dataclass_fields__ if f != "source"}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping of {sorted(known)}")
+        unknown, missing = set(raw) - known, known - set(raw)
+        if unknown or missing:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
+        if set(raw["roles"]) != {"human", "gpt", "system"}:
+            raise ValueError(f"{path}: roles must map exactly human, gpt and system, got {sorted(raw['roles'])}")
+        if "{prompt}" not in raw["t2i_instruction"]:
+            raise ValueError(f"{path}: t2i_instruction must contain '{{prompt}}', got {raw['t2i_instruction']!r}")
+        if not raw["i2t_questions"]:
+            raise ValueError(f"{path}: i2t_questions must not be empty")
+        raw["i2t_questions"] = tuple(raw["i2t_questions"])
+        return cls(**raw, source=str(path))
+
+    def jinja_path(self) -> Path:
+        return Path(self.source).parent / self.chat_template
+
+
+# ----------------------------------------------------------------------------------------- the writer
+@dataclass
+class _Writer:
+    """Accumulates one sample: text pieces are buffered into a run and tokenized together; ids go in directly."""
+
+    tokenizer: Any
+    vision_start_id: int
+    input_ids: list[int] = field(default_factory=list)
+    trained: list[bool] = field(default_factory=list)
+    modality: list[int] = field(default_factory=list)
+    image_spans: list[tuple[int, int]] = field(default_factory=list)
+    _run: list[tuple[str, bool]] = field(default_factory=list)
+
+    def text(self, text: str, trained: bool) -> None:
+        if text:
+            self._run.append((text, trained))
+
+    def ids(self, ids: Sequence[int], trained: Sequence[bool] | bool, modality: Sequence[int] | int) -> None:
+        self.flush()
+        n = len(ids)
+        self.input_ids += [int(i) for i in ids]
+        self.trained += list(trained) if not isinstance(trained, bool) else [trained] * n
+        self.modality += list(modality) if not isinstance(modality, int) else [modality] * n
+
+    def flush(self) -> None:
+        """Tokenize the buffered run as one string; a token is trained if any of its characters is."""
+        if not self._run:
+            return
+        text = "".join(piece for piece, _ in self._run)
+        char_trained = [flag for piece, flag in self._run for _ in piece]
+        self._run = []
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        for tid, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+            end = max(end, start + 1)  # zero-width offsets (rare) take the flag of the character they sit on
+            self.input_ids.append(int(tid))
+            self.trained.append(any(char_trained[start:end]))
+            # A literal <|vision_start|> typed in text is still a vision token by id (DESIGN.md section 4).
+            self.modality.append(VISION if tid == self.vision_start_id else TEXT)
+
+    def finish(self, kind: str) -> Sample:
+        self.flush()
+        labels = [tid if t else IGNORE_INDEX for tid, t in zip(self.input_ids, self.trained)]
+        assert len(labels) == len(self.modality) == len(self.input_ids), "writer lists out of step"
+        return Sample(list(self.input_ids), labels, list(self.modality), list(self.image_spans), kind)
+
+
+@dataclass
+class _Images:
+    """A record's images, consumed in placeholder order; knows each one's index for error messages."""
+
+    record_id: str
+    images: list[ImageCodes]
+    used: int = 0
+
+    def pop(self, placeholder: str) -> tuple[str, ImageCodes]:
+        if self.used >= len(self.images):
+            raise SampleError(f"record {self.record_id!r}: more {placeholder} placeholders than images ({len(self.images)})")
+        self.used += 1
+        return f"record {self.record_id!r}: images[{self.used - 1}]", self.images[self.used - 1]
+
+
+# ------------------------------------------------------------------------------------------ the builder
+class SampleBuilder:
+    """Turn :class:`~data_process.schema.Record` s into :class:`Sample` s (see the module docstring for the rules).
+
+    Args:
+        tokenizer: a transformers tokenizer holding the chat and vision special tokens (see
+            ``data_process/text_tokenizer.py``).
+        code_vocab: the code-id <-> token-id mapping (image ids start at ``len(tokenizer)``).
+        t2i_ratio: probability that an ``image_text`` record becomes text-to-image (else image-to-text).
+        cfg_dropout: probability that a text-to-image prompt is replaced by the unconditional prompt.
+        ignore_instruction: mask prompts (headers, user turns, the forced ``<|vision_start|>``); False trains all.
+        size_tags: always put ``<height_h><width_w>`` after ``<|vision_start|>``.
+        fixed_grid: the image tokenizer's native grid ``(h, w)``; images of another grid get a size tag even when
+            ``size_tags`` is False. None: only ``size_tags`` decides.
+        system_prompt: a system turn for chat samples without one (overrides the YAML's ``system_prompt``).
+        template_dir / template_name: where ``<template_name>.yaml`` lives (default ``configs/chat_templates``).
+        seed: kept for reproducibility records; randomness comes only from the ``rng`` passed to :meth:`build`.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        code_vocab: CodeVocab,
+        *,
+        t2i_ratio: float = 0.5,
+        cfg_dropout: float = 0.1,
+        ignore_instruction: bool = True,
+        size_tags: bool = False,
+        fixed_grid: tuple[int, int] | None = None,
+        system_prompt: str | None = None,
+        template_dir: str | Path | None = None,
+        template_name: str = "chatml",
+        seed: int = 0,
+    ):
+        for name, p in (("t2i_ratio", t2i_ratio), ("cfg_dropout", cfg_dropout)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"SampleBuilder: {name}={p} must be a probability in [0, 1]")
+        if code_vocab.image_offset < len(tokenizer):
+            raise ValueError(
+                f"SampleBuilder: code_vocab.image_offset={code_vocab.image_offset} overlaps the tokenizer "
+                f"({len(tokenizer)} tokens): build the CodeVocab after adding every text token"
+            )
+        self.tokenizer, self.code_vocab, self.seed = tokenizer, code_vocab, seed
+        self.t2i_ratio, self.cfg_dropout, self.ignore_instruction = t2i_ratio, cfg_dropout, ignore_instruction
+        self.size_tags, self.fixed_grid = size_tags, (tuple(fixed_grid) if fixed_grid is not None else None)
+        self.format = ChatFormat.load(template_dir, template_name)
+        self.system_prompt = system_prompt if system_prompt is not None else self.format.system_prompt
+        self.turn_end_id = self._single_id(self.format.turn_end, "turn_end")
+        self.document_eos_id = self._single_id(self.format.document_eos, "document_eos")
+        self._size_tag_cache: dict[tuple[int, int], list[int]] = {}  # grid -> ids; a pure memo of the tokenizer
+
+    def _single_id(self, token: str, what: str) -> int:
+        ids = self.tokenizer(token, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(
+                f"{self.format.source}: {what}={token!r} is {len(ids)} tokens in this tokenizer, expected one special "
+                f"token: add it to the tokenizer (data_process/text_tokenizer.py) or pick another chat format"
+            )
+        return ids[0]
+
+    def size_tag_ids(self, grid: Sequence[int]) -> list[int]:
+        """Ids of ``<height_h><width_w>``; an error naming the missing token when the tokenizer lacks it."""
+        key = (int(grid[0]), int(grid[1]))
+        if key not in self._size_tag_cache:
+            ids = []
+            for tok in (f"<height_{key[0]}>", f"<width_{key[1]}>"):
+                tid = self.tokenizer.convert_tokens_to_ids(tok)
+                if tid is None or tid == self.tokenizer.unk_token_id:
+                    raise ValueError(f"tokenizer has no {tok} size tag: build it with max_grid >= {max(key)}")
+                ids.append(tid)
+            self._size_tag_cache[key] = ids
+        return self._size_tag_cache[key]
+
+    # ------------------------------------------------------------------------------------- image blocks
+    def _wants_size_tag(self, grid: Sequence[int]) -> bool:
+        return self.size_tags or (self.fixed_grid is not None and tuple(grid) != self.fixed_grid)
+
+    def _image(self, w: _Writer, image: ImageCodes, where: str, trained: bool, start_trained: bool) -> None:
+        """Append ``<|vision_start|>`` [size tag] codes ``<|vision_end|>`` and record its span."""
+        levels = image.levels if image.levels is not None else 0
+        try:
+            code_ids = self.code_vocab.codes_to_ids(image.codes, levels).tolist()
+            tag = self.size_tag_ids(image.grid) if self._wants_size_tag(image.grid) else []
+        except ValueError as e:
+            raise SampleError(f"{where}: {e}") from e
+        w.ids([self.code_vocab.vision_start_id], start_trained, VISION)  # flushes the text run first
+        start = len(w.input_ids) - 1
+        w.ids(tag, trained, TEXT)
+        w.ids(code_ids, trained, VISION)
+        w.ids([self.code_vocab.vision_end_id], trained, TEXT)
+        w.image_spans.append((start, len(w.input_ids)))
+
+    def _content(self, w: _Writer, value: str, images: _Images, trained: bool, opens_answer: bool) -> None:
+        """Text with ``<image>`` placeholders -> text pieces and image blocks; ``images`` is consumed in order."""
+        pieces = value.split(self.format.image_placeholder)
+        for i, piece in enumerate(pieces):
+            if i > 0:
+                where, image = images.pop(self.format.image_placeholder)
+                forced = opens_answer and i == 1 and pieces[0] == "" and self.ignore_instruction
+                self._image(w, image, where, trained, trained and not forced)
+            w.text(piece, trained)
+
+    # ---------------------------------------------------------------------------------------- renderers
+    def _chat(self, w: _Writer, turns: list[dict[str, str]], images: _Images, rid: str) -> None:
+        fmt, masked = self.format, not self.ignore_instruction
+        if self.system_prompt and not (turns and turns[0]["from"] == "system"):
+            turns = [{"from": "system", "value": self.system_prompt}] + list(turns)
+        for t, turn in enumerate(turns):
+            if turn["from"] not in fmt.roles:
+                raise SampleError(f"record {rid!r}: conversations[{t}].from={turn['from']!r} is not one of {sorted(fmt.roles)}")
+            role = fmt.roles[turn["from"]]
+            answer = turn["from"] == "gpt"
+            trained = answer or masked
+            w.text(fmt.turn_start.format(role=role), masked)
+            self._content(w, turn["value"], images, trained, opens_answer=answer)
+            w.text(fmt.turn_end, trained)
+            w.text(fmt.turn_separator, masked)
+
+    def _document(self, w: _Writer, turns: list[dict[str, str]], images: _Images) -> None:
+        for t, turn in enumerate(turns):
+            if t > 0:
+                w.text(self.format.interleaved_separator, True)
+            trained = turn["from"] != "human" or not self.ignore_instruction
+            self._content(w, turn["value"], images, trained, opens_answer=False)
+        w.ids([self.document_eos_id], True, TEXT)
+
+    def _t2i_turns(self, caption: str, rng: random.Random) -> list[dict[str, str]]:
+        dropped = rng.random() < self.cfg_dropout
+        prompt = self.format.unconditional_prompt if dropped else self.format.t2i_instruction.format(prompt=caption)
+        return [{"from": "human", "value": prompt}, {"from": "gpt", "value": self.format.image_placeholder}]
+
+    def _i2t_turns(self, caption: str, rng: random.Random) -> list[dict[str, str]]:
+        question = rng.choice(self.format.i2t_questions)
+        return [{"from": "human", "value": self.format.image_placeholder + question}, {"from": "gpt", "value": caption}]
+
+    # --------------------------------------------------------------------------------------- public API
+    def build(self, record: Record, rng: random.Random) -> Sample:
+        """Render one record; the only randomness (direction, CFG dropout, question) is drawn from ``rng``."""
+        rid = record.id
+        images = _Images(rid, list(record.images))
+        w = _Writer(self.tokenizer, self.code_vocab.vision_start_id)
+        if record.type == "text":
+            if not record.text:
+                raise SampleError(f"record {rid!r}: a text record needs a non-empty text")
+            w.text(record.text, True)
+            w.ids([self.document_eos_id], True, TEXT)
+            return w.finish("text")
+        if record.type in ("image_text", "t2i", "i2t"):
+            if not record.text or len(record.images) != 1:
+                raise SampleError(
+                    f"record {rid!r}: a {record.type} record needs a text and exactly 1 image, got {len(record.images)}"
+                )
+            kind = record.type
+            if kind == "image_text":
+                kind = "t2i" if rng.random() < self.t2i_ratio else "i2t"
+            turns = self._t2i_turns(record.text, rng) if kind == "t2i" else self._i2t_turns(record.text, rng)
+        elif record.type in ("conversation", "edit", "interleaved"):
+            kind, turns = record.type, record.conversations or []
+            n_ph = sum(turn["value"].count(self.format.image_placeholder) for turn in turns)
+            if n_ph != len(record.images):
+                raise SampleError(
+                    f"record {rid!r}: {n_ph} {self.format.image_placeholder} placeholder(s) but {len(record.images)} image(s)"
+                )
+            if kind == "edit" and not any(
+                turn["from"] == "gpt" and self.format.image_placeholder in turn["value"] for turn in turns
+            ):
+                raise SampleError(f"record {rid!r}: an edit record needs the target image in a 'gpt' turn")
+        else:
+            raise SampleError(f"record {rid!r}: unknown type {record.type!r} (known: {', '.join(SAMPLE_KINDS)}, image_text)")
+        if kind == "interleaved":
+            self._document(w, turns, images)
+        else:
+            self._chat(w, turns, images, rid)
+        return w.finish(kind)
+
+    def t2i_prompt_ids(self, prompt: str | None, grid: Sequence[int] | None = None) -> list[int]:
+        """The text-to-image inference prompt, ids identical to a training t2i sample's masked prefix.
+
+        ``prompt=None`` gives the unconditional prompt (CFG). Ends with ``<|vision_start|>`` and, when this builder
+        would tag ``grid``, its size tag. Inference and training share this one rendering.
+        """
+        value = self.format.unconditional_prompt if prompt is None else self.format.t2i_instruction.format(prompt=prompt)
+        ids = self.chat_prompt_ids([{"from": "human", "value": value}], [])
+        ids.append(self.code_vocab.vision_start_id)
+        if grid is not None and self._wants_size_tag(grid):
+            ids += self.size_tag_ids(grid)
+        return ids
+
+    def chat_prompt_ids(self, turns: list[dict[str, str]], images: list[ImageCodes]) -> list[int]:
+        """Render ``turns`` (record-style ``from``/``value``) plus the generation prompt: the input for a reply."""
+        n_ph = sum(turn["value"].count(self.format.image_placeholder) for turn in turns)
+        if n_ph != len(images):
+            raise SampleError(f"prompt: {n_ph} {self.format.image_placeholder} placeholder(s) but {len(images)} image(s)")
+        w = _Writer(self.tokenizer, self.code_vocab.vision_start_id)
+        self._chat(w, turns, _Images("prompt", list(images)), "prompt")
+        w.text(self.format.generation_prompt, False)
+        return w.finish("conversation").input_ids

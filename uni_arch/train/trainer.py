@@ -1,0 +1,138 @@
+"""``UniTrainer``: the HF Trainer with per-modality losses, token throughput and a NaN stop -- through hooks only.
+
+What changes, and where:
+
+* ``compute_loss`` -- one forward without labels, then the usual shifted token-level cross entropy computed here so
+  that it can be split by the *target's* modality: image loss = targets that are image codes or
+  ``<|vision_end|>`` (the model must learn to close the block), text loss = every other target. The optimised loss
+  is exactly the model's own (sum over targets / number of targets of the whole accumulated batch, as the Trainer's
+  ``num_items_in_batch`` says), so gradient accumulation and multi-rank averaging behave like the stock Trainer.
+  A non-finite loss stops the run at that very step on every rank (one tiny all-reduce per micro-batch), with a
+  message naming the step, instead of being averaged away by ``logging_nan_inf_filter``.
+* ``log`` -- sums buffered since the last log are summed over all ranks (``accelerator.reduce``) and
+  added as ``text_loss``, ``image_loss``, ``text_tokens``, ``image_tokens``, ``tokens_per_second`` (real tokens,
+  all ranks, wall clock since the last log) and ``token_utilisation`` (real tokens / row capacity).
+
+No model code lives here: the trainer sees logits and labels only.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from modeling.vocab import CodeVocab
+from uni_arch.train.data_collator import IGNORE_INDEX, META_KEYS
+
+# Buffer slots, summed over micro-batches and ranks between two logs.
+_METRICS = ("text_loss_sum", "text_tokens", "image_loss_sum", "image_tokens", "real_tokens", "capacity_tokens")
+
+
+def target_is_image(targets: torch.Tensor, vocab: CodeVocab | None) -> torch.Tensor:
+    """Mask of targets that count as image tokens: image codes and ``<|vision_end|>``."""
+    if vocab is None:
+        return torch.zeros_like(targets, dtype=torch.bool)
+    start, end = vocab.image_token_range
+    return ((targets >= start) & (targets < end)) | (targets == vocab.vision_end_id)
+
+
+def modality_losses(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, vocab: CodeVocab | None) -> dict[str, torch.Tensor]:
+    """Shifted token CE (float32) split by target modality: sums and counts, all 0-dim tensors."""
+    logits_NV = logits_BTV[:, :-1, :].reshape(-1, logits_BTV.shape[-1]).float()  # predict t+1 from t
+    targets_N = labels_BT[:, 1:].reshape(-1)
+    valid_N = targets_N != IGNORE_INDEX
+    ce_N = F.cross_entropy(logits_NV, targets_N.clamp_min(0), reduction="none") * valid_N
+    image_N = target_is_image(targets_N, vocab) & valid_N
+    text_N = valid_N & ~image_N
+    return {
+        "loss_sum": ce_N.sum(),
+        "num_targets": valid_N.sum(),
+        "text_loss_sum": (ce_N * text_N).sum(),
+        "text_tokens": text_N.sum(),
+        "image_loss_sum": (ce_N * image_N).sum(),
+        "image_tokens": image_N.sum(),
+    }
+
+
+class UniTrainer(Trainer):
+    """HF Trainer + per-modality metrics (see the module docstring). Extra args: ``code_vocab``."""
+
+    def __init__(self, *args: Any, code_vocab: CodeVocab | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.code_vocab = code_vocab
+        self._metric_sums: torch.Tensor | None = None
+        self._metric_clock: float | None = None
+
+    # ------------------------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        real = inputs.pop("num_real_tokens", None)
+        capacity = inputs.pop("num_capacity_tokens", None)
+        for key in META_KEYS:
+            inputs.pop(key, None)
+        labels = inputs.pop("labels")
+        # use_cache=False: with a cache transformers does not build the packed mask (DESIGN.md section 9).
+        outputs = model(**inputs, use_cache=False)
+        parts = modality_losses(outputs.logits, labels, self.code_vocab)
+        if num_items_in_batch is not None:
+            # Normalised over the whole accumulated (and, by default, all-rank) batch, like the model's own loss.
+            loss = parts["loss_sum"] / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks
+            self.loss_is_scaled_for_ga = True
+        else:
+            loss = parts["loss_sum"] / parts["num_targets"].clamp_min(1)
+            self.loss_is_scaled_for_ga = False
+        if model.training:
+            self._check_finite(loss)
+            self._buffer(parts, labels, real, capacity)
+        return (loss, outputs) if return_outputs else loss
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")  # every rank stops together, none hangs
+        if bool(bad.item()):
+            raise FloatingPointError(
+                f"loss became {loss.item()} at step {self.state.global_step + 1} (on {int(bad.item())} rank(s)): "
+                f"stopping now; lower learning_rate (={self.args.learning_rate}), check max_grad_norm or the data"
+            )
+
+    def _buffer(self, parts: dict[str, torch.Tensor], labels: torch.Tensor, real, capacity) -> None:
+        if self._metric_clock is None:
+            self._metric_clock = time.perf_counter()
+        n_real = real if real is not None else torch.tensor(labels.numel())
+        n_capacity = capacity if capacity is not None else torch.tensor(labels.numel())
+        values = [parts[k] for k in _METRICS[:4]] + [n_real, n_capacity]
+        row = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=labels.device).detach() for v in values])
+        self._metric_sums = row if self._metric_sums is None else self._metric_sums + row
+
+    # ------------------------------------------------------------------------------------- log
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._metric_sums is not None and "loss" in logs:
+            logs.update(self._drain_metrics())
+        super().log(logs, start_time)
+
+    def _drain_metrics(self) -> dict[str, float]:
+        """Sum the buffered sums over ranks (a collective: every rank logs at the same steps).
+
+        ``accelerator.reduce``, not ``gather_for_metrics``: at the end of an epoch the latter trims the gathered
+        tensor to the dataloader's "remainder" (meant for duplicated eval samples), which would silently drop
+        whole ranks' sums here.
+        """
+        sums = self.accelerator.reduce(self._metric_sums.clone(), reduction="sum").cpu()
+        m = dict(zip(_METRICS, sums.tolist()))
+        elapsed = max(time.perf_counter() - (self._metric_clock or time.perf_counter()), 1e-9)
+        self._metric_sums, self._metric_clock = None, None
+        out = {"text_tokens": m["text_tokens"], "image_tokens": m["image_tokens"],
+               "tokens_per_second": m["real_tokens"] / elapsed,
+               "token_utilisation": m["real_tokens"] / max(m["capacity_tokens"], 1.0)}
+        if m["text_tokens"]:
+            out["text_loss"] = m["text_loss_sum"] / m["text_tokens"]
+        if m["image_tokens"]:
+            out["image_loss"] = m["image_loss_sum"] / m["image_tokens"]
+        return out
