@@ -38,7 +38,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import torch
 from loguru import logger
@@ -49,6 +49,9 @@ from data_process.converters import BadItem, ImageSource, Item, WorkItem, iter_i
 from data_process.data_config import DataConfig, DatasetSpec, load_data_config
 from data_process.schema import AtomicShardWriter, ImageCodes, Record, RecordError, atomic_write_text, record_from_dict
 from modeling.vq import IMAGE_TOKENIZERS, ImageTokenizer, load_image_tokenizer
+
+if TYPE_CHECKING:
+    from modeling.vq.preprocess import AnchorSet
 
 # Image-level skip reasons (the converters add malformed_json, bad_record, bad_codes, unreadable_shard).
 MISSING_FILE = "missing_file"
@@ -114,7 +117,7 @@ class GridPolicy:
     """Which code grid an image gets: the tokenizer's own (``fixed``) or the nearest anchor (``fixed_anchors``)."""
 
     mode: str
-    anchors: Any = None  # modeling.vq.preprocess.AnchorSet in fixed_anchors mode
+    anchors: "AnchorSet | None" = None  # set in fixed_anchors mode only
 
     def grid_for(self, image: Image.Image) -> tuple[int, int] | None:
         return None if self.anchors is None else self.anchors.nearest(image.width, image.height)
@@ -391,6 +394,8 @@ def finalize(opts: EncodeOptions, config: DataConfig, header: dict[str, Any]) ->
         datasets[spec.name] = {"format": spec.format, "inputs": total.inputs, "written": total.written,
                                "skipped": dict(sorted(total.skipped.items())), "images": total.images,
                                "grids": total.grids, "shards": [f"{spec.name}/{done[u]}" for u in range(last[0] + 1)]}
+    for leftover in [*out.glob("*/part-*.tmp-*"), *out.glob("*/.units/*.tmp-*")]:  # from killed runs; all done now
+        leftover.unlink(missing_ok=True)
     totals = {k: sum(d[k] for d in datasets.values()) for k in ("inputs", "written", "images")}
     totals["skipped"] = sum(sum(d["skipped"].values()) for d in datasets.values())
     manifest = header | {"shard_size": opts.shard_size, "data_config": str(config.path), "datasets": datasets,

@@ -202,7 +202,8 @@ def evaluate_reconstruction(
     return {
         "num_images": len(sources),
         "psnr": float(psnr_all.mean()),
-        "psnr_std": float(psnr_all.std()) if psnr_all.numel() > 1 and psnr_all.isfinite().all() else 0.0,
+        # undefined when any image is reconstructed exactly (PSNR inf) or there is one image
+        "psnr_std": float(psnr_all.std()) if psnr_all.numel() > 1 and psnr_all.isfinite().all() else None,
         "ssim": float(ssim_all.mean()),
         "codebook_usage": stats.usage(),
         "perplexity": stats.perplexity(),

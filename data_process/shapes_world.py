@@ -19,8 +19,13 @@ GenEval's rules. The code lives in :mod:`data_process.shapes`; this module re-ex
     data_config.yaml                 the encoder's data config for the three datasets above
     world.json                       seed, image_size, num_images, palette, shapes, ... ("complete" once done)
 
-Measured (2 shared CPU cores, noisy): building 4,000 images takes ~10 s; the detector runs at ~1 ms per 64x64
-image and recovers the exact multiset of (shape, colour) on 100% of 1,000 fresh images (seed 12345).
+Measured on 2 shared CPU cores (timings noisy): ``build`` of 4,000 64x64 images ~4 s; ``detect`` ~1.2 ms per image.
+Detector accuracy (exact multiset of (shape, colour) per image, ``detector_accuracy --num_images 1000 --seed
+12345``): 100.0% clean; 100.0% with pixel noise std 20; 99.7% with std 30; 99.3% after a Gaussian blur of radius
+0.7; 98.1% at radius 1.0 (``--noise_std``, ``--blur_radius``).
+
+``data_config.yaml`` uses ``image_dir: .`` for the captions dataset (not ``images``): the image_folder converter
+resolves ``image`` against ``root/image_dir``, and every jsonl here names images relative to the dataset root.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from typing import Any, Iterable
 
 import numpy as np
 from loguru import logger
-from PIL import Image
+from PIL import Image, ImageFilter
 from tqdm import tqdm
 
 from data_process.schema import IMAGE_PLACEHOLDER, AtomicShardWriter, atomic_write_text
@@ -43,8 +48,7 @@ from data_process.shapes import (
     evaluate_geneval, relative_position, score_geneval,
 )
 
-# The brief's layout, except ``image_dir: .`` for the captions: the image_folder converter resolves ``image`` against
-# ``root/image_dir`` and every jsonl here names images relative to the dataset root (``images/000012.png``).
+# ``image_dir: .`` for the captions too: rows name their image relative to the dataset root (see module docstring).
 DATA_CONFIG_YAML = """\
 datasets:
   - {name: shapes_captions, format: image_folder, root: ., image_dir: ., annotations: [captions.jsonl], encode_images: true, record_type: image_text}
@@ -164,12 +168,13 @@ def _multiset(items: Iterable[ShapeObject | Detection]) -> collections.Counter:
 
 
 def measure_detector(num_images: int = 1000, seed: int = 12345, image_size: int = 64,
-                     noise_std: float = 0.0) -> dict[str, Any]:
+                     noise_std: float = 0.0, blur_radius: float = 0.0) -> dict[str, Any]:
     """Detector accuracy on ``num_images`` fresh scenes of world ``seed`` (pick a seed no training build uses).
 
     ``accuracy``: exact match of the multiset of (shape, colour) per image; ``count_accuracy``: right number of
-    objects; ``geneval_self``: the rendered ground truth passes its own GenEval metadata. ``noise_std`` adds
-    Gaussian pixel noise (seeded) to probe robustness.
+    objects; ``geneval_self``: the rendered ground truth passes its own GenEval metadata. To probe robustness
+    to what a VQ decoder does to pixels, ``blur_radius`` applies a Gaussian blur and ``noise_std`` then adds
+    seeded Gaussian pixel noise.
     """
     world = ShapesWorld(seed=seed, image_size=image_size)
     noise_rng = np.random.default_rng([seed, 99])
@@ -178,6 +183,8 @@ def measure_detector(num_images: int = 1000, seed: int = 12345, image_size: int 
     for i in tqdm(range(num_images), desc="detect", unit="img", disable=None):
         scene = world.scene(i)
         image = world.render(scene)
+        if blur_radius > 0:
+            image = image.filter(ImageFilter.GaussianBlur(blur_radius))
         if noise_std > 0:
             pixels = np.asarray(image, dtype=np.float64) + noise_rng.normal(0.0, noise_std, (image_size, image_size, 3))
             image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
@@ -189,19 +196,20 @@ def measure_detector(num_images: int = 1000, seed: int = 12345, image_size: int 
         if not hit and len(failures) < 20:
             failures.append({"index": i, "truth": sorted(_multiset(scene.objects).elements()),
                              "detected": sorted(_multiset(dets).elements())})
-    return {"num_images": num_images, "seed": seed, "image_size": image_size, "noise_std": noise_std,
+    return {"num_images": num_images, "seed": seed, "image_size": image_size, "noise_std": noise_std, "blur_radius": blur_radius,
             "accuracy": exact / num_images, "count_accuracy": counted / num_images,
             "geneval_self": geneval_ok / num_images, "failures": failures}
 
 
-def detector_accuracy(num_images: int = 1000, seed: int = 12345, image_size: int = 64, noise_std: float = 0.0) -> float:
+def detector_accuracy(num_images: int = 1000, seed: int = 12345, image_size: int = 64, noise_std: float = 0.0,
+                      blur_radius: float = 0.0) -> float:
     """CLI: print the detector's accuracy on fresh images and return it."""
-    res = measure_detector(num_images, seed, image_size, noise_std)
+    res = measure_detector(num_images, seed, image_size, noise_std, blur_radius)
     for f in res["failures"]:
         logger.warning(f"image {f['index']}: truth {f['truth']} detected {f['detected']}")
     print(f"detector accuracy {res['accuracy']:.4f} (exact (shape, color) multiset; count {res['count_accuracy']:.4f}; "
           f"GenEval self-check {res['geneval_self']:.4f}) on {num_images} images, seed {seed}, size {image_size}, "
-          f"noise_std {noise_std}")
+          f"blur_radius {blur_radius}, noise_std {noise_std}")
     return res["accuracy"]
 
 

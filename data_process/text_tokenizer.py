@@ -22,6 +22,7 @@ CLI::
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import tempfile
@@ -291,6 +292,21 @@ def shapes_corpus(n_scenes: int = 2000, n_texts: int = 20000, seed: int = 0, ima
             yield from _strings(item)
 
 
+def chat_format_texts(template_yaml: str | os.PathLike | None = None, repeat: int = 10) -> list[str]:
+    """The fixed strings of the chat format (roles, t2i instruction, captioning questions), ``repeat`` times.
+
+    The shapes corpus never contains them; adding them lets the BPE learn whole-word tokens for the prompts every
+    sample carries instead of spelling them in bytes.
+    """
+    import yaml
+
+    path = Path(template_yaml) if template_yaml is not None else DEFAULT_CHAT_TEMPLATE.with_suffix(".yaml")
+    cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    texts = [role["start"] for role in cfg["roles"].values()] + list(cfg["i2t_questions"])
+    texts += [cfg["t2i_instruction"].format(prompt=""), cfg["system_prompt"] or ""]
+    return [t for t in texts if t] * repeat
+
+
 def _strings(item) -> Iterator[str]:
     """VQA items may be (question, answer) pairs, dicts or strings; yield every string inside."""
     if isinstance(item, str):
@@ -311,8 +327,9 @@ class _CLI:
         n_texts: int = 20000, seed: int = 0, max_grid: int = 64, min_frequency: int = 2,
     ) -> str:  # fmt: skip
         """Train the shapes-world BPE and save it to ``out_dir``."""
+        texts = itertools.chain(shapes_corpus(n_scenes, n_texts, seed), chat_format_texts())
         tok = train_shapes_tokenizer(
-            shapes_corpus(n_scenes, n_texts, seed), out_dir, vocab_size=vocab_size, max_grid=max_grid,
+            texts, out_dir, vocab_size=vocab_size, max_grid=max_grid,
             min_frequency=min_frequency,
         )  # fmt: skip
         return f"{out_dir}: {len(tok)} tokens"

@@ -328,7 +328,7 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
     assert got == want
     manifest = json.loads((killed / "manifest.json").read_text())
     assert manifest["datasets"]["caps"]["inputs"] == 40 and manifest["datasets"]["caps"]["written"] == 40
-    assert not list(killed.glob("*/*.tmp-*"))
+    assert not [p for p in killed.rglob("*") if ".tmp-" in p.name]
 
 
 # ----------------------------------------------------------------------------------------- anchors, errors

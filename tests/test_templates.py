@@ -258,7 +258,7 @@ def test_same_rng_state_same_sample(tok, vocab):
 
 # ------------------------------------------------------------------- training render == apply_chat_template
 CONVERSATIONS = [
-    [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello!"}],
+    [{"from": "human", "value": "hi"}, {"from": "gpt", "value": " hello!"}],
     [
         {"from": "system", "value": "You are helpful."},
         {"from": "human", "value": "what colour is it?"},
@@ -285,21 +285,36 @@ def qwen(tmp_path_factory):
     return load_qwen25_tokenizer(cache_dir=tmp_path_factory.getbasetemp() / "uni_x_qwen_cache")
 
 
+@pytest.mark.parametrize("fmt", ["chatml", "plain"])
 @pytest.mark.parametrize("which", ["hand", "shapes", "qwen"])
 @pytest.mark.parametrize("conv", CONVERSATIONS, ids=["short", "system-multiturn"])
-def test_training_render_equals_apply_chat_template(which, conv, request):
+def test_training_render_equals_apply_chat_template(fmt, which, conv, request):
     tokenizer = request.getfixturevalue({"hand": "tok", "shapes": "shapes_tok", "qwen": "qwen"}[which])
     vocab = CodeVocab.from_tokenizer(tokenizer, [16])
-    b = SampleBuilder(tokenizer, vocab)
+    b = SampleBuilder(tokenizer, vocab, template_name=fmt)
+    template = b.format.jinja_path().read_text()
     s = b.build(Record("eq", "conversation", conversations=conv), random.Random(0))
-    reference = tokenizer.apply_chat_template(_messages(conv), tokenize=True)["input_ids"]
+    reference = tokenizer.apply_chat_template(_messages(conv), chat_template=template, tokenize=True)["input_ids"]
     assert s.input_ids == reference
-    # Trained tokens decode to exactly the assistant answers, each closed by <|im_end|>.
+    # Trained tokens decode to exactly the assistant answers, each closed by its stop token.
     trained = "".join(tokenizer.decode([i]) for i, lab in zip(s.input_ids, s.labels) if lab != M)
-    assert trained == "".join(t["value"] + "<|im_end|>" for t in conv if t["from"] == "gpt")
+    assert trained == "".join(t["value"] + b.format.roles["gpt"].end for t in conv if t["from"] == "gpt")
     # Inference prompt == apply_chat_template(add_generation_prompt=True) on the turns before the last answer.
     prompt = b.chat_prompt_ids(conv[:-1], [])
-    assert prompt == tokenizer.apply_chat_template(_messages(conv[:-1]), tokenize=True, add_generation_prompt=True)["input_ids"]
+    ref = tokenizer.apply_chat_template(_messages(conv[:-1]), chat_template=template, tokenize=True, add_generation_prompt=True)
+    assert prompt == ref["input_ids"]
+
+
+def test_plain_format_reproduces_reference_t2i_prompt(qwen):
+    """DESIGN.md section 6: the reference's prompts, with the sample answer ending in <|endoftext|>."""
+    b = SampleBuilder(qwen, CodeVocab.from_tokenizer(qwen, [16]), template_name="plain", cfg_dropout=0.0)
+    enc = lambda text: qwen(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    cond = enc("a red circle Generate an image based on this description.<|vision_start|>")
+    assert b.t2i_prompt_ids("a red circle") == cond
+    assert b.t2i_prompt_ids(None) == enc("<unconditional><|vision_start|>")
+    s = b.build(Record("p", "t2i", text="a red circle", images=[img([1, 2, 3, 4])]), random.Random(0))
+    answer = [151665 + c for c in (1, 2, 3, 4)] + [151653, 151643]
+    assert s.input_ids == cond + answer and s.labels == [M] * len(cond) + answer
 
 
 def test_token_straddling_header_and_answer_is_trained(qwen):

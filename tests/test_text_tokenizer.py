@@ -162,3 +162,12 @@ def test_add_vision_tokens_to_third_party_tokenizer():
     vocab = CodeVocab.from_tokenizer(tok, [16])
     assert (vocab.vision_start_id, vocab.vision_end_id, vocab.image_offset) == (3, 4, 10)
     assert tok("a <|vision_start|> b <height_2>", add_special_tokens=False)["input_ids"] == [1, 3, 2, 6]
+
+
+def test_cli_train_adds_chat_format_strings(tmp_path, monkeypatch):
+    monkeypatch.setattr(text_tokenizer, "shapes_corpus", lambda *a, **k: iter(CORPUS))
+    out = tmp_path / "tok"
+    assert text_tokenizer._CLI().train(out_dir=str(out), vocab_size=450, max_grid=4).endswith("tokens")
+    tok = AutoTokenizer.from_pretrained(out)
+    # The fixed prompt strings were in the training texts: they encode word by word, not byte by byte.
+    assert len(tok(" Generate an image based on this description.", add_special_tokens=False)["input_ids"]) == 8

@@ -120,6 +120,10 @@ def test_old_checkpoint_gets_a_clear_message(tmp_path, small_model):
     torch.save({"state_dict": small_model.taming_state_dict(), "hparams": _OldLightningObject()}, ckpt)
     with pytest.raises(RuntimeError, match="weights_only=False"):
         ChameleonVQGAN.from_checkpoint(ckpt, None)
+    conf = tmp_path / "small.yaml"
+    conf.write_text(yaml.safe_dump(_yaml_doc(SMALL)))
+    trusted = ChameleonVQGAN.from_checkpoint(ckpt, conf, weights_only=False)  # the explicit opt-in fallback
+    assert torch.equal(trusted.quantize.embedding.weight, small_model.quantize.embedding.weight)
 
 
 def test_encode_decode_shapes_range_determinism(small_model):
@@ -130,7 +134,7 @@ def test_encode_decode_shapes_range_determinism(small_model):
     assert 0 <= int(enc.codes_BN.min()) and int(enc.codes_BN.max()) < 64
     assert len(enc.codes_BN.unique()) > 4
     out1, out2 = small_model.decode(enc.codes_BN, enc.grid), small_model.decode(enc.codes_BN, enc.grid)
-    assert out1.shape == x.shape and torch.equal(out1, out2)
+    assert out1.shape == x.shape and torch.equal(out1, out2) and out1.abs().max() <= 1
     assert torch.equal(small_model.encode(x).codes_BN, enc.codes_BN)
     with pytest.raises(ValueError, match="out of range"):
         small_model.decode(torch.full((1, 96), 64), (8, 12))
@@ -223,3 +227,8 @@ def test_decoder_equals_taming_layout(small_model):
     z = torch.randn(2, 32, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(small_model.decoder(z), ref(z), rtol=0, atol=0)
+        # and the full decode path: codebook lookup -> post_quant_conv -> decoder, clamped to [-1, 1]
+        codes = torch.randint(0, 64, (2, 16))
+        q = small_model.quantize.embedding.weight[codes].view(2, 4, 4, 8).permute(0, 3, 1, 2)
+        expected = ref(small_model.post_quant_conv(q)).clamp(-1, 1)
+        torch.testing.assert_close(small_model.decode(codes, (4, 4)), expected, rtol=0, atol=0)

@@ -2,8 +2,10 @@
 
 Detection, numpy only:
 
-1. Quantise every pixel to the nearest palette colour; pixels farther than ``color_tolerance`` from all of them
-   (antialiased edges, heavy noise) and background pixels are left unlabelled.
+1. Quantise every pixel to the nearest palette colour, kept when within ``color_tolerance`` of it or clearly
+   nearer to it than to the runner-up (``ambiguity_ratio``); ambiguous pixels (antialiased edges, heavy noise)
+   and background pixels are left unlabelled. Both thresholds sit below the worst case of a colour/background
+   blend landing near a third colour, so edges never become spurious objects.
 2. Connected components per colour (8-connectivity) by union-find over horizontal runs: a 64x64 image has a few
    hundred runs, so the Python loop is over runs, not pixels.
 3. Components smaller than ``min_area`` are noise. Each remaining one is classified by IoU against every shape's
@@ -14,6 +16,8 @@ Detection, numpy only:
 Scoring (:func:`evaluate_geneval`) re-implements GenEval's ``evaluate``: includes are ANDed, excludes ORed; the
 colour and position of an include are checked on its ``count`` most confident detections; position uses GenEval's
 centre-offset rule with threshold 0.1. Not copied; behaviour matched to djghosh13/geneval evaluate_images.py.
+One difference: GenEval raises its confidence threshold for ``counting`` (0.9 vs 0.3) because Mask2Former emits
+duplicate low-confidence boxes; connected components cannot duplicate an object, so one ``min_score`` serves all.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from data_process.shapes.geometry import (
-    BACKGROUND, COLORS, GENEVAL_POSITION_THRESHOLD, PALETTE, SHAPES, Box, relative_position, shape_mask,
+    BACKGROUND, COLORS, GENEVAL_POSITION_THRESHOLD, PALETTE, SHAPES, relative_position, shape_mask,
 )
 
 _PALETTE_RGB = np.array([PALETTE[c] for c in COLORS] + [BACKGROUND], dtype=np.float32)  # (11, 3); last = background

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from data_process.shapes.geometry import COLORS, RELATIONS, SHAPES, Box, relative_position
+from data_process.shapes.geometry import COLORS, RELATIONS, SHAPES, relative_position
 
 # GenEval's six tags, in the order its evaluation_metadata.jsonl lists them.
 TAGS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")

@@ -105,7 +105,7 @@ def captions(scene: Scene) -> list[str]:
         groups = group_objects(objs)
         if len(groups) > 1:
             out.append(f"{_cap(NUMBER_WORDS[n])} {plural(shape)}: " + _join([f"{NUMBER_WORDS[k]} {c}" for k, c, _ in groups]) + ".")
-    if n == 2:
+    if n == 2 and objs[0].name != objs[1].name:  # "the red circle is left of the red circle" names nothing
         a, b = objs
         rels = robust_relations(a.box, b.box)
         if rels:

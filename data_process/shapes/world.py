@@ -31,6 +31,7 @@ from data_process.shapes.scene import TAGS, Scene, ShapeObject
 STREAM_TRAIN, STREAM_HELDOUT, STREAM_TEXT, STREAM_CAPTION, STREAM_VQA = 0, 1, 2, 3, 4
 _MAX_SIDE_FRACTION = {1: 0.36, 2: 0.32, 3: 0.27, 4: 0.25}  # largest object side per object count, of image_size
 MIN_SIDE_FRACTION = 0.2
+MIN_SIDE_PX = 12  # below ~12 px a blurred diamond or triangle tip is gone and shapes stop being separable
 SPLITS = ("heldout", "train")
 
 
@@ -48,7 +49,7 @@ class ShapesWorld:
         if supersample < 1:
             raise ValueError(f"supersample: must be >= 1, got {supersample!r}")
         self.seed, self.image_size, self.supersample = int(seed), int(image_size), int(supersample)
-        self.min_side = max(6, round(MIN_SIDE_FRACTION * image_size))
+        self.min_side = max(MIN_SIDE_PX, round(MIN_SIDE_FRACTION * image_size))
         self.margin = max(2, round(0.05 * image_size))  # empty pixels between boxes
         self.border = max(1, image_size // 64)  # empty pixels along the image edge
 

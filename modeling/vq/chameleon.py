@@ -122,18 +122,25 @@ def key_mismatch_report(expected: Sequence[str], got: Sequence[str], source: str
            f"unexpected keys: {show(unexpected)}"
 
 
-def load_lightning_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """``torch.load(path, weights_only=True)["state_dict"]`` (or the dict itself if it is a bare state dict)."""
+def load_lightning_state_dict(path: str | os.PathLike, weights_only: bool = True) -> dict[str, torch.Tensor]:
+    """``torch.load(path, weights_only=True)["state_dict"]`` (or the dict itself if it is a bare state dict).
+
+    ``weights_only=False`` is the opt-in fallback for old Lightning checkpoints that pickle other objects: it runs
+    the pickle's code, so use it only for files you trust.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"VQGAN checkpoint not found: {path}")
+    if not weights_only:
+        logger.warning(f"{path}: loading with weights_only=False (unpickles arbitrary objects; trusted files only)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=weights_only)
     except pickle.UnpicklingError as e:
         raise RuntimeError(
             f"{path}: the checkpoint holds objects that weights_only=True refuses (an old Lightning checkpoint). "
-            "If you trust the file, re-save its weights once: "
-            "torch.save({'state_dict': torch.load(p, map_location='cpu', weights_only=False)['state_dict']}, q)"
+            "If you trust the file, load it with ChameleonVQGAN.from_checkpoint(..., weights_only=False), or "
+            "re-save its weights once: torch.save({'state_dict': torch.load(p, map_location='cpu', "
+            "weights_only=False)['state_dict']}, q)"
         ) from e
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -190,17 +197,18 @@ class ChameleonVQGAN(ImageTokenizer):
 
     @classmethod
     def from_checkpoint(cls, ckpt_path: str | os.PathLike, config_path: str | os.PathLike | None = None,
-                        ) -> "ChameleonVQGAN":
+                        weights_only: bool = True) -> "ChameleonVQGAN":
         """Load ``vqgan.ckpt`` (a local Lightning checkpoint); the architecture comes from ``config_path``
         (``vqgan.yaml``) when given, else from a ``vqgan.yaml`` next to the checkpoint, else Chameleon's defaults.
-        A directory holding ``vqgan.ckpt`` (+ ``vqgan.yaml``) is accepted too."""
+        A directory holding ``vqgan.ckpt`` (+ ``vqgan.yaml``) is accepted too. ``weights_only=False``: see
+        :func:`load_lightning_state_dict` (trusted old checkpoints only)."""
         ckpt_path = Path(ckpt_path)
         if ckpt_path.is_dir():
             ckpt_path = ckpt_path / "vqgan.ckpt"
         if config_path is None and (ckpt_path.parent / "vqgan.yaml").is_file():
             config_path = ckpt_path.parent / "vqgan.yaml"
         config = config_from_yaml(config_path) if config_path is not None else chameleon_vq_config()
-        state = load_lightning_state_dict(ckpt_path)  # raises FileNotFoundError naming the path
+        state = load_lightning_state_dict(ckpt_path, weights_only)  # raises FileNotFoundError naming the path
         model = cls(config)
         model.load_taming_state_dict(state, source=str(ckpt_path))
         model.checkpoint_hash = file_hash(ckpt_path)
@@ -235,4 +243,5 @@ class ChameleonVQGAN(ImageTokenizer):
                              f"min {int(codes_BN.min())}, max {int(codes_BN.max())}")
         q_BhwD = self.quantize.embedding(codes_BN.to(self.quant_conv.weight.device).view(-1, gh, gw))
         q_BDhw = q_BhwD.permute(0, 3, 1, 2).contiguous()  # (B, h, w, D) -> (B, D, h, w)
-        return self.decoder(self.post_quant_conv(q_BDhw))
+        # clamped as the reference does before making a PIL image: the interface promises [-1, 1]
+        return self.decoder(self.post_quant_conv(q_BDhw)).clamp(-1.0, 1.0)

@@ -235,7 +235,7 @@ class HQVAE(ImageTokenizer):
                                  f"max {int(codes.max())}")
         q_t = self.quantize_t.embedding(top_BHW).permute(0, 3, 1, 2)  # (B, h, w, D) -> (B, D, h, w)
         q_b = self.quantize_b.embedding(bottom_B2H2W).permute(0, 3, 1, 2)
-        return self.decode_latents(q_t, q_b)
+        return self.decode_latents(q_t, q_b).clamp(-1.0, 1.0)  # the interface promises [-1, 1]
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def save_pretrained(self, out_dir: str | os.PathLike) -> Path:

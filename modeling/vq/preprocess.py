@@ -66,9 +66,10 @@ def pil_to_pixels(image: Image.Image) -> torch.Tensor:
 class AnchorSet:
     """Code grids ``(H, W)`` of about ``(target / downsample) ** 2`` codes, aspect ratios up to ``max_aspect``.
 
-    For each height ``H`` the width is ``floor(area / H)``, so no anchor costs more codes than the square one (the
-    sequence-length budget) and all are within ``area_tolerance`` below it; each grid comes with its transpose. For ``target=512, downsample=16`` this
-    gives 32x32, 28x36, 36x28, 24x42, 42x24, ... . Pixel sizes are ``H * downsample`` by ``W * downsample``.
+    For each short side ``H`` the long side is ``floor(area / H)``, so no anchor costs more codes than the square one
+    (the sequence-length budget) and all are within ``area_tolerance`` below it; each grid comes with its transpose.
+    For ``target=512, downsample=16`` this gives 32x32, 28x36, 36x28, 24x42, 42x24, ... (23 grids from 21x48 to
+    48x21). Pixel sizes are ``H * downsample`` by ``W * downsample``.
     """
 
     target: int = 512

@@ -172,6 +172,8 @@ class DataArguments:
 class UniTrainingArguments(TrainingArguments):
     """HF TrainingArguments with the defaults this pipeline needs and the curve outputs."""
 
+    # A packed row is already a batch (model_max_length tokens); several rows per step are flattened into one.
+    per_device_train_batch_size: int = field(default=1, metadata={"help": "Rows per device per micro-step."})
     # Rows are dicts of our own keys; the Trainer must not drop them by the model's forward signature.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the collator owns the keys."})
     write_loss_curves: bool = field(
@@ -181,6 +183,12 @@ class UniTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns=True would drop the packed-row keys; keep it False")
+        # Streamed rows differ in length and every rank reads its own shards: accelerate must not fetch batches on
+        # rank 0 and concatenate them for dispatch (its default for iterable datasets), which fails on ragged rows.
+        if self.accelerator_config is None:
+            self.accelerator_config = {"dispatch_batches": False}
+        elif isinstance(self.accelerator_config, dict):
+            self.accelerator_config.setdefault("dispatch_batches", False)
         super().__post_init__()
 
 

@@ -68,15 +68,28 @@ class Sample:
 
 
 # ------------------------------------------------------------------------------------------ chat format
+ROLES = ("system", "human", "gpt")
+
+
+@dataclass(frozen=True)
+class RoleFormat:
+    """How one role's turn is written: ``start`` content ``end`` ``separator``.
+
+    ``start`` (the header) is masked; ``end`` is trained on ``gpt`` turns (it is the stop token) and masked
+    otherwise; ``separator`` is never trained.
+    """
+
+    start: str
+    end: str
+    separator: str
+
+
 @dataclass(frozen=True)
 class ChatFormat:
     """The training-side description of a chat template (``configs/chat_templates/<name>.yaml``)."""
 
     chat_template: str
-    roles: dict[str, str]
-    turn_start: str
-    turn_end: str
-    turn_separator: str
+    roles: dict[str, RoleFormat]
     generation_prompt: str
     document_eos: str
     interleaved_separator: str
@@ -99,8 +112,12 @@ class ChatFormat:
         unknown, missing = set(raw) - known, known - set(raw)
         if unknown or missing:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
-        if set(raw["roles"]) != {"human", "gpt", "system"}:
-            raise ValueError(f"{path}: roles must map exactly human, gpt and system, got {sorted(raw['roles'])}")
+        if not isinstance(raw["roles"], dict) or set(raw["roles"]) != set(ROLES):
+            raise ValueError(f"{path}: roles must describe exactly {', '.join(ROLES)}, got {raw['roles']!r}")
+        try:
+            raw["roles"] = {name: RoleFormat(**spec) for name, spec in raw["roles"].items()}
+        except TypeError as e:
+            raise ValueError(f"{path}: roles: each role needs exactly start, end and separator ({e})") from e
         if "{prompt}" not in raw["t2i_instruction"]:
             raise ValueError(f"{path}: t2i_instruction must contain '{{prompt}}', got {raw['t2i_instruction']!r}")
         if not raw["i2t_questions"]:
@@ -220,7 +237,8 @@ class SampleBuilder:
         self.size_tags, self.fixed_grid = size_tags, (tuple(fixed_grid) if fixed_grid is not None else None)
         self.format = ChatFormat.load(template_dir, template_name)
         self.system_prompt = system_prompt if system_prompt is not None else self.format.system_prompt
-        self.turn_end_id = self._single_id(self.format.turn_end, "turn_end")
+        answer_end = self.format.roles["gpt"].end
+        self.answer_end_id = self._single_id(answer_end, "roles.gpt.end") if answer_end else None  # the stop token
         self.document_eos_id = self._single_id(self.format.document_eos, "document_eos")
         self._size_tag_cache: dict[tuple[int, int], list[int]] = {}  # grid -> ids; a pure memo of the tokenizer
 
@@ -277,25 +295,25 @@ class SampleBuilder:
 
     # ---------------------------------------------------------------------------------------- renderers
     def _chat(self, w: _Writer, turns: list[dict[str, str]], images: _Images, rid: str) -> None:
-        fmt, masked = self.format, not self.ignore_instruction
+        train_prompt = not self.ignore_instruction
         if self.system_prompt and not (turns and turns[0]["from"] == "system"):
             turns = [{"from": "system", "value": self.system_prompt}] + list(turns)
         for t, turn in enumerate(turns):
-            if turn["from"] not in fmt.roles:
-                raise SampleError(f"record {rid!r}: conversations[{t}].from={turn['from']!r} is not one of {sorted(fmt.roles)}")
-            role = fmt.roles[turn["from"]]
+            if turn["from"] not in self.format.roles:
+                raise SampleError(f"record {rid!r}: conversations[{t}].from={turn['from']!r} is not one of {ROLES}")
+            role = self.format.roles[turn["from"]]
             answer = turn["from"] == "gpt"
-            trained = answer or masked
-            w.text(fmt.turn_start.format(role=role), masked)
+            trained = answer or train_prompt
+            w.text(role.start, train_prompt)
             self._content(w, turn["value"], images, trained, opens_answer=answer)
-            w.text(fmt.turn_end, trained)
-            w.text(fmt.turn_separator, masked)
+            w.text(role.end, trained)
+            w.text(role.separator, train_prompt)
 
     def _document(self, w: _Writer, turns: list[dict[str, str]], images: _Images) -> None:
         for t, turn in enumerate(turns):
-            if t > 0:
-                w.text(self.format.interleaved_separator, True)
             trained = turn["from"] != "human" or not self.ignore_instruction
+            if t > 0:
+                w.text(self.format.interleaved_separator, trained)
             self._content(w, turn["value"], images, trained, opens_answer=False)
         w.ids([self.document_eos_id], True, TEXT)
 
