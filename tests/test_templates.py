@@ -15,7 +15,14 @@ from transformers import PreTrainedTokenizerFast
 from data_process.schema import ImageCodes, Record
 from data_process.text_tokenizer import load_qwen25_tokenizer, train_shapes_tokenizer
 from modeling.vocab import CodeVocab, size_tag_tokens
-from uni_arch.train.templates import DEFAULT_TEMPLATE_DIR, IGNORE_INDEX, ChatFormat, SampleBuilder, SampleError
+from uni_arch.train.templates import (
+    DEFAULT_TEMPLATE_DIR,
+    IGNORE_INDEX,
+    ChatFormat,
+    SampleBuilder,
+    SampleError,
+    turns_from_messages,
+)
 
 M = IGNORE_INDEX
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<unconditional>"]
@@ -167,6 +174,11 @@ def test_interleaved_is_a_plain_document(tok, vocab):
     expect += words("more text ") + [VS] + codes(3, 3, 3, 3) + [VE, EOT]
     assert s.input_ids == expect and s.labels == expect
     assert [s.input_ids[a] for a, _ in s.image_spans] == [VS, VS] and [s.input_ids[b - 1] for _, b in s.image_spans] == [VE, VE]
+    # A human value inside an interleaved record is a prompt: masked, like its separator.
+    conv = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]
+    s = SampleBuilder(tok, vocab).build(Record("i2", "interleaved", conversations=conv), random.Random(0))
+    assert s.input_ids == words("hi\nhello") + [EOT] and s.labels == [M, M] + words("hello") + [EOT]
+    assert s.to_dict()["labels"] == s.labels and s.num_trained == 2
 
 
 def test_system_prompt_and_multilevel_codes(tok, vocab):
@@ -218,7 +230,30 @@ def test_placeholder_image_count_mismatch(tok, vocab):
         SampleBuilder(tok, vocab).build(Record("e", "edit", conversations=edit, images=[img([1] * 4)] * 2), random.Random(0))
 
 
+def test_turns_from_messages_renders_like_the_template(qwen):
+    b = SampleBuilder(qwen, CodeVocab.from_tokenizer(qwen, [16]))
+    text_only = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": " world?"}]},
+    ]
+    ref = qwen.apply_chat_template(text_only, tokenize=True, add_generation_prompt=True)["input_ids"]
+    assert b.chat_prompt_ids(turns_from_messages(text_only), []) == ref
+    with_image = [{"role": "user", "content": [{"type": "image_url", "image_url": {}}, {"type": "text", "text": "What?"}]}]
+    turns = turns_from_messages(with_image)
+    assert turns == [{"from": "human", "value": "<image>What?"}]
+    assert "<|im_start|>user\n<image>What?<|im_end|>" in qwen.apply_chat_template(with_image, tokenize=False)
+    ids = b.chat_prompt_ids(turns, [img([1, 2, 3, 4])])
+    assert ids[:3] == [151644, 872, 198] and ids[-3:] == [151644, 77091, 198]
+    assert ids[3:9] == [151652] + [151665 + c for c in (1, 2, 3, 4)] + [151653]
+    with pytest.raises(ValueError, match=r"messages\[0\].role='tool'"):
+        turns_from_messages([{"role": "tool", "content": "x"}])
+    with pytest.raises(SampleError, match="1 <image> placeholder"):
+        b.chat_prompt_ids(turns, [])
+
+
 def test_bad_configuration(tok, vocab, tmp_path):
+    with pytest.raises(TypeError, match="fast"):
+        SampleBuilder(object(), vocab)
     with pytest.raises(ValueError, match="cfg_dropout=1.5"):
         SampleBuilder(tok, vocab, cfg_dropout=1.5)
     with pytest.raises(ValueError, match="overlaps the tokenizer"):

@@ -231,4 +231,5 @@ def test_decoder_equals_taming_layout(small_model):
         codes = torch.randint(0, 64, (2, 16))
         q = small_model.quantize.embedding.weight[codes].view(2, 4, 4, 8).permute(0, 3, 1, 2)
         expected = ref(small_model.post_quant_conv(q)).clamp(-1, 1)
-        torch.testing.assert_close(small_model.decode(codes, (4, 4)), expected, rtol=0, atol=0)
+        # (float tolerance: a non-contiguous input takes another conv kernel)
+        torch.testing.assert_close(small_model.decode(codes, (4, 4)), expected, rtol=1e-4, atol=1e-5)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+import torch.nn.functional as F
 from torch import nn
 
 from data_process.eval_recon import collect_images, evaluate_reconstruction, main, run
@@ -106,6 +107,26 @@ def test_encode_decode_shapes_and_ranges(tiny):
     bad[0, 1] = 32  # a bottom position
     with pytest.raises(ValueError, match="level 1 codes out of range"):
         tiny.decode(bad, enc.grid)
+
+
+def test_training_forward_reaches_every_parameter_and_learns():
+    torch.manual_seed(0)
+    model = HQVAE(TINY).train()
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    recon, vq_loss = model(x)
+    (F.mse_loss(recon, x) + vq_loss).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == []  # both codebooks, both quant convs, the top decoder and upsample_t are all in the graph
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        recon, vq_loss = model(x)
+        loss = F.mse_loss(recon, x) + vq_loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
 
 
 def test_save_load_equality(tmp_path, tiny):
@@ -238,6 +259,7 @@ def _scripted_extractor(path, pool: int = 1):
     return path
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # our toy extractor is scripted
 def test_evaluate_lossless_tokenizer_is_perfect(tmp_path):
     from data_process.eval_recon import load_feature_extractor
 
@@ -249,6 +271,7 @@ def test_evaluate_lossless_tokenizer_is_perfect(tmp_path):
     assert 0.9 < res["codebook_usage"][0] <= 1.0  # random pixels hit almost every byte value
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # our toy extractor is scripted
 def test_eval_recon_cli_on_tiny_hqvae(tmp_path, tiny, capsys):
     ckpt = tiny.save_pretrained(tmp_path / "hq")
     folder = _image_folder(tmp_path / "imgs")
@@ -267,6 +290,7 @@ def test_eval_recon_cli_on_tiny_hqvae(tmp_path, tiny, capsys):
     assert with_fid["rfid"] > 0 and math.isfinite(with_fid["rfid"]) and with_fid["psnr"] == pytest.approx(saved["psnr"])
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # our toy extractor is scripted
 def test_eval_recon_inputs(tmp_path):
     folder = _image_folder(tmp_path / "imgs")
     lst = tmp_path / "list.txt"

@@ -219,7 +219,7 @@ def main(
     variants: bool = True,
     packing: bool = True,
     json_out: str | None = None,
-) -> dict:
+) -> None:
     """Run both tables; print them; optionally write ``json_out``. Defaults finish in about 3 minutes on 2 cores.
 
     Args:
@@ -255,4 +255,3 @@ def main(
         from data_process.schema import atomic_write_text
 
         atomic_write_text(json_out, json.dumps(report, indent=2))
-    return report

@@ -3,19 +3,21 @@
 The loss mask is built *with* the ids (STYLE.md practice 11): every piece of the sample is appended together with
 whether it is trained and which modality it is, so nothing is reconstructed from token counts afterwards.
 
-Chat markup comes from files, not code: ``configs/chat_templates/chatml.yaml`` holds the role header, turn end,
-separator, document EOS, the text-to-image instruction, the unconditional prompt and the captioning questions;
-``chatml.jinja`` holds the same ChatML for ``tokenizer.apply_chat_template``. For a text-only conversation the
+Chat markup comes from files, not code. ``configs/chat_templates/<name>.yaml`` holds each role's start/end/separator,
+the document EOS, the text-to-image instruction, the unconditional prompt and the captioning questions;
+``<name>.jinja`` holds the same format for ``tokenizer.apply_chat_template``. Two formats ship: ``chatml`` (Qwen2.5's
+layout, the default) and ``plain`` (no markup: the reference Uni-X prompts). For a text-only conversation the
 renderer produces exactly the ids of ``apply_chat_template`` (tested), because consecutive text pieces are joined
-into one string and tokenized at once, as the jinja path does; per-character trained flags are carried through
-the tokenizer's offset mapping (a token is trained if any of its characters is). Image blocks cut text runs:
-``<|vision_start|>`` [size tag] codes ``<|vision_end|>`` are appended as ids.
+into one string and tokenized at once, as the jinja path does; per-character trained flags are carried through the
+tokenizer's offset mapping. A token is trained if any of its characters is (so a BPE token that merges the header's
+``\n`` with an answer's leading newlines is trained, as transformers' assistant-token masks do). Image blocks cut
+text runs: ``<|vision_start|>`` [size tag] codes ``<|vision_end|>`` are appended as ids.
 
 Masking rules (``ignore_instruction=True``; with ``False`` every token is trained):
 
 * ``text``: the text and ``<|endoftext|>``, all trained.
-* chat turns: the header ``<|im_start|>{role}\\n`` is masked; assistant content and its ``<|im_end|>`` are trained;
-  user/system turns are masked; the ``\\n`` after ``<|im_end|>`` is never trained.
+* chat turns: the role's ``start`` (``<|im_start|>{role}\n``) is masked; assistant content and its ``end``
+  (``<|im_end|>``, the stop token) are trained; user/system turns are masked; the ``separator`` (``\n``) never is.
 * an image that *opens* an assistant turn (t2i, edit targets) is generated after a forced ``<|vision_start|>``
   (inference prompts end with it), so its ``<|vision_start|>`` is masked with the prompt; the size tag, codes,
   ``<|vision_end|>`` and ``<|im_end|>`` are trained. An image later in a trained span keeps ``<|vision_start|>``
@@ -25,6 +27,11 @@ Masking rules (``ignore_instruction=True``; with ``False`` every token is traine
 
 ``modality`` is 1 for image codes and ``<|vision_start|>`` (DESIGN.md's definition of a vision token) and 0 for
 everything else, size tags and ``<|vision_end|>`` included.
+
+Inference renders its prompts here too (:meth:`SampleBuilder.t2i_prompt_ids`, :meth:`SampleBuilder.chat_prompt_ids`,
+:func:`turns_from_messages`), so a prompt is byte-for-byte the masked prefix the model was trained on.
+Cost: one tokenizer call per text run. Measured on 2 shared, loaded CPU cores (noisy): ~2,000 samples/s with the
+shapes BPE for image_text records with a 16x16 image, ~1,800/s for a 4-turn conversation with one image.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from typing import Any, Sequence
 import yaml
 
 from data_process.schema import ImageCodes, Record
-from modeling.vocab import CodeVocab, size_tag
+from modeling.vocab import CodeVocab
 
 IGNORE_INDEX = -100
 TEXT, VISION = 0, 1
@@ -65,6 +72,45 @@ class Sample:
     @property
     def num_trained(self) -> int:
         return sum(label != IGNORE_INDEX for label in self.labels)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists for ``datasets.Dataset.map`` / the collator."""
+        return {
+            "input_ids": self.input_ids, "labels": self.labels, "modality": self.modality,
+            "image_spans": [list(span) for span in self.image_spans], "kind": self.kind,
+        }  # fmt: skip
+
+
+OPENAI_ROLES = {"user": "human", "assistant": "gpt", "system": "system"}
+
+
+def turns_from_messages(messages: list[dict[str, Any]], image_placeholder: str = "<image>") -> list[dict[str, str]]:
+    """OpenAI-style ``messages`` -> record-style turns (``from``/``value``) for :meth:`SampleBuilder.chat_prompt_ids`.
+
+    ``content`` may be a string or a list of parts; image parts (``image`` / ``image_url``) become the placeholder,
+    in order, exactly as the jinja templates render them. The caller passes the encoded images in the same order.
+    """
+    turns = []
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        if role not in OPENAI_ROLES:
+            raise ValueError(f"messages[{i}].role={role!r} is not one of {sorted(OPENAI_ROLES)}")
+        content = message.get("content")
+        if not isinstance(content, str):
+            if not isinstance(content, list):
+                raise ValueError(f"messages[{i}].content must be a string or a list of parts, got {type(content).__name__}")
+            parts = []
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text":
+                    parts.append(part["text"])
+                elif kind in ("image", "image_url"):
+                    parts.append(image_placeholder)
+                else:
+                    raise ValueError(f"messages[{i}].content[{j}].type={kind!r} is not one of text, image, image_url")
+            content = "".join(parts)
+        turns.append({"from": OPENAI_ROLES[role], "value": content})
+    return turns
 
 
 # ------------------------------------------------------------------------------------------ chat format
@@ -224,6 +270,10 @@ class SampleBuilder:
         template_name: str = "chatml",
         seed: int = 0,
     ):
+        if not getattr(tokenizer, "is_fast", False):
+            raise TypeError(
+                f"SampleBuilder needs a fast (tokenizers-backed) tokenizer for offset mappings, got {type(tokenizer).__name__}"
+            )
         for name, p in (("t2i_ratio", t2i_ratio), ("cfg_dropout", cfg_dropout)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"SampleBuilder: {name}={p} must be a probability in [0, 1]")
@@ -310,10 +360,12 @@ class SampleBuilder:
             w.text(role.separator, train_prompt)
 
     def _document(self, w: _Writer, turns: list[dict[str, str]], images: _Images) -> None:
-        for t, turn in enumerate(turns):
+        prev_trained = None
+        for turn in turns:
             trained = turn["from"] != "human" or not self.ignore_instruction
-            if t > 0:
-                w.text(self.format.interleaved_separator, trained)
+            if prev_trained is not None:  # a separator is document text only between two trained values
+                w.text(self.format.interleaved_separator, trained and prev_trained)
+            prev_trained = trained
             self._content(w, turn["value"], images, trained, opens_answer=False)
         w.ids([self.document_eos_id], True, TEXT)
 
