@@ -23,7 +23,6 @@ after an interruption continues where it stopped. The final ``model.safetensors`
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -60,6 +59,7 @@ class TrainVQConfig:
     min_lr_ratio: float = 0.05
     warmup_steps: int = 50
     weight_decay: float = 0.0
+    grad_clip: float = 1.0
     lr_schedule: Literal["steps", "time"] = "steps"
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     model: ShapesVQConfig = field(default_factory=ShapesVQConfig)
@@ -104,14 +104,22 @@ def render_images(world, indices: range, desc: str) -> torch.Tensor:
     return out
 
 
+def world_source_hash(world) -> str:
+    """Hash of the source files next to the world's class (its whole package), so editing the renderer
+    invalidates cached images; a world without a source file is keyed on its class name."""
+    h = hashlib.sha256(type(world).__qualname__.encode())
+    module_file = getattr(sys.modules.get(type(world).__module__), "__file__", None)
+    if module_file:
+        for path in sorted(Path(module_file).parent.glob("*.py")):
+            h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()
+
+
 def cached_images(cache_dir: Path, world, indices: range, desc: str) -> torch.Tensor:
-    """Render once and cache; the key includes the world's source hash, so editing the world invalidates it."""
-    try:
-        source = inspect.getsource(sys.modules[type(world).__module__])
-    except (OSError, TypeError, KeyError):  # a world defined interactively has no source file: key on its name
-        source = type(world).__qualname__
+    """Render once and cache under ``cache_dir``, keyed by the world's source, seed, size and the indices."""
     key = hashlib.sha256(
-        f"{source}|{getattr(world, 'seed', None)}|{world.image_size}|{indices.start}|{indices.stop}".encode()
+        f"{world_source_hash(world)}|{getattr(world, 'seed', None)}|{world.image_size}|{indices.start}|{indices.stop}"
+        .encode()
     ).hexdigest()[:16]
     path = cache_dir / f"{desc}-{len(indices)}-{key}.pt"
     if path.exists():
@@ -142,7 +150,7 @@ def resolve_precision(precision: str) -> torch.dtype | None:
 
 
 def lr_at(cfg: TrainVQConfig, step: int, progress: float) -> float:
-    """Linear warmup over ``warmup_steps``, then cosine from ``lr`` to ``min_lr_ratio * lr`` over ``progress`` in [0, 1]."""
+    """Linear warmup over ``warmup_steps``, then cosine from ``lr`` to ``min_lr_ratio * lr`` as ``progress`` -> 1."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     cos = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
@@ -211,6 +219,8 @@ def train_loop(
             out = model(pixels)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
+        # Clipping guards the no-norm convs against the loss spikes that dead-code restarts can cause.
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         step += 1
         losses.append(float(out.recon_loss))
@@ -346,7 +356,7 @@ def main() -> None:
 
     logger.remove()
     logger.add(sys.stderr, level=os.environ.get("LOGURU_LEVEL", "INFO"))
-    fire.Fire(train_vq, serialize=lambda metrics: json.dumps(metrics, indent=2) if isinstance(metrics, dict) else metrics)
+    fire.Fire(train_vq, serialize=lambda out: json.dumps(out, indent=2) if isinstance(out, dict) else out)
 
 
 if __name__ == "__main__":

@@ -114,30 +114,60 @@ class ModalityRouting:
     def is_packed(self) -> bool:
         return self.docs is not None
 
-    def route(
+    @property
+    def num_text(self) -> int:
+        return self.text_idx_N.numel()
+
+    def rows_to_concat(self, x_MF: torch.Tensor) -> torch.Tensor:
+        """Row order -> concat order (a permutation of the flat rows)."""
+        return _Permute.apply(x_MF, self.concat_idx_M, self.flat_to_concat_M)
+
+    def concat_to_rows(self, x_MF: torch.Tensor) -> torch.Tensor:
+        """Concat order -> row order."""
+        return _Permute.apply(x_MF, self.flat_to_concat_M, self.concat_idx_M)
+
+    def branch(
         self,
-        x_MD: torch.Tensor,
+        x_MF: torch.Tensor,
         text_fn: Callable[[torch.Tensor], torch.Tensor],
-        vision_fn: Callable[[torch.Tensor], torch.Tensor] | None,
+        vision_fn: Callable[[torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
-        """Gather -> branch -> scatter. ``vision_fn=None`` means one shared branch for every token.
+        """Run each branch on its own rows of a concat-ordered tensor (text rows first); concat order out.
 
         A branch with no tokens still runs on its empty slice, so its parameters stay in the autograd graph and
         receive a (zero) gradient: DDP/ZeRO all-reduce every parameter on every rank (DESIGN.md section 9).
         """
+        n = self.num_text
+        return torch.cat([text_fn(x_MF[:n]), vision_fn(x_MF[n:])], dim=0)
+
+    def route(
+        self,
+        x_MF: torch.Tensor,
+        text_fn: Callable[[torch.Tensor], torch.Tensor],
+        vision_fn: Callable[[torch.Tensor], torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """Gather -> branch -> scatter on row-ordered rows. ``vision_fn=None`` means one shared branch."""
         if vision_fn is None:
-            return text_fn(x_MD)
-        out_text_ND = text_fn(x_MD.index_select(0, self.text_idx_N))
-        out_vision_VD = vision_fn(x_MD.index_select(0, self.vision_idx_V))
-        return torch.cat([out_text_ND, out_vision_VD], dim=0).index_select(0, self.flat_to_concat_M)
+            return text_fn(x_MF)
+        return self.concat_to_rows(self.branch(self.rows_to_concat(x_MF), text_fn, vision_fn))
 
-    def to_concat(self, x_BHTD: torch.Tensor) -> torch.Tensor:
-        """Reorder the token axis of a packed ``[1, H, T, D]`` tensor into concat order."""
-        return x_BHTD.index_select(2, self.concat_idx_M)
 
-    def from_concat(self, x_BTHD: torch.Tensor) -> torch.Tensor:
-        """Inverse of `to_concat` for an attention output laid out ``[1, T, H, D]``."""
-        return x_BTHD.index_select(1, self.flat_to_concat_M)
+class _Permute(torch.autograd.Function):
+    """``x[index]`` for a permutation ``index`` whose backward is the inverse gather ``grad[inverse]``.
+
+    Why not plain ``index_select``: its backward is a scatter-add (``index_add_``), several times slower on CPU
+    than a gather; for a permutation the inverse gather is exact.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
 
 
 def build_attention_masks(

@@ -63,6 +63,7 @@ class LayerContext:
 
     routing: ModalityRouting
     position_embeddings: tuple[torch.Tensor, torch.Tensor]  # cos, sin: [B, T, head_dim], row order
+    position_embeddings_concat: tuple[torch.Tensor, torch.Tensor] | None  # packed rows, concat order
     mask_document: torch.Tensor | None  # [B, 1, T, S] additive, None on the varlen path
     mask_same_modality: torch.Tensor | None
     use_varlen: bool  # packed row + an implementation that consumes cu_seq_lens
@@ -96,54 +97,75 @@ class SharedDecoderLayer(Qwen2DecoderLayer):
     ) -> torch.Tensor:
         if unix_ctx is None:
             raise ValueError(f"{type(self).__name__} is driven by UniXModel.forward (it needs the routing context)")
+        routing = unix_ctx.routing
         batch, seq, hidden = hidden_states.shape
-        x_MD = hidden_states.reshape(batch * seq, hidden)  # [B, T, D] -> [B*T, D]
-        x_MD = x_MD + self._attention(x_MD, unix_ctx, past_key_values)
+        x_MD = hidden_states.reshape(batch * seq, hidden)  # [B, T, D] -> [B*T, D], row order
         text_ffn, vision_ffn = self.ffn_branches()
-        x_MD = x_MD + unix_ctx.routing.route(x_MD, text_ffn, vision_ffn)
-        return x_MD.view(batch, seq, hidden)
+        if self.attention_branches()[1] is None:  # shared attention; the FFN may still be routed (MoE)
+            x_MD = x_MD + self._shared_attention(x_MD, unix_ctx, past_key_values)
+            x_MD = x_MD + routing.route(x_MD, text_ffn, vision_ffn)
+            return x_MD.view(batch, seq, hidden)
+        # modality-separated layer: one gather in, one scatter out; concat order (text rows, then vision) inside
+        xc_MD = routing.rows_to_concat(x_MD)
+        xc_MD = xc_MD + self._separated_attention(xc_MD, unix_ctx, past_key_values)
+        xc_MD = xc_MD + routing.branch(xc_MD, text_ffn, vision_ffn)
+        return routing.concat_to_rows(xc_MD).view(batch, seq, hidden)
 
-    def _attention(self, x_MD: torch.Tensor, ctx: LayerContext, past_key_values: Cache | None) -> torch.Tensor:
+    @staticmethod
+    def _qkv(branch: Qwen2DecoderLayer):
+        """``x -> [q | k | v]`` of one branch (its input norm and projections)."""
+        def project(x_MD: torch.Tensor) -> torch.Tensor:
+            h_MD = branch.input_layernorm(x_MD)
+            attn = branch.self_attn
+            return torch.cat([attn.q_proj(h_MD), attn.k_proj(h_MD), attn.v_proj(h_MD)], dim=-1)
+        return project
+
+    def _shared_attention(self, x_MD, ctx: LayerContext, past_key_values) -> torch.Tensor:
+        out_MF = self._attend_rows(self._qkv(self)(x_MD), ctx, past_key_values)
+        return self.self_attn.o_proj(out_MF)
+
+    def _separated_attention(self, xc_MD, ctx: LayerContext, past_key_values) -> torch.Tensor:
+        """Attention sublayer of a separated/MoT layer; input and output in concat order."""
         routing = ctx.routing
-        attn = self.self_attn
         text, vision = self.attention_branches()
+        qkv_c = routing.branch(xc_MD, self._qkv(text), self._qkv(vision))
+        if ctx.use_varlen and self.same_modality_only:
+            # packed row, own-modality attention: (modality, document) segments are contiguous in concat order
+            out_c = self._attend(qkv_c, 1, routing.seq, ctx.position_embeddings_concat, None, None,
+                                 routing.modality_segments.kwargs())
+        else:
+            out_c = routing.rows_to_concat(self._attend_rows(routing.concat_to_rows(qkv_c), ctx, past_key_values))
+        return routing.branch(out_c, text.self_attn.o_proj, vision.self_attn.o_proj)
+
+    def _attend_rows(self, qkv_MF, ctx: LayerContext, past_key_values) -> torch.Tensor:
+        """Attention over row-ordered tokens: the documents (varlen) or the explicit mask of this layer's kind."""
+        routing = ctx.routing
+        if ctx.use_varlen:
+            return self._attend(qkv_MF, routing.batch, routing.seq, ctx.position_embeddings, None, None,
+                                routing.docs.kwargs())
+        mask = ctx.mask_same_modality if self.same_modality_only else ctx.mask_document
+        return self._attend(qkv_MF, routing.batch, routing.seq, ctx.position_embeddings, mask, past_key_values, {})
+
+    def _attend(self, qkv_MF, batch, seq, position_embeddings, mask, past_key_values, varlen_kwargs) -> torch.Tensor:
+        """RoPE, cache update and the configured attention function; ``[B*T, (H+2K)*d] -> [B*T, H*d]``."""
+        attn = self.self_attn
         head_dim = attn.head_dim
         n_q = self.config.num_attention_heads * head_dim
         n_kv = self.config.num_key_value_heads * head_dim
-
-        def qkv(branch):
-            def project(x):
-                h = branch.input_layernorm(x)
-                return torch.cat([branch.self_attn.q_proj(h), branch.self_attn.k_proj(h), branch.self_attn.v_proj(h)],
-                                 dim=-1)
-            return project
-
-        qkv_MF = routing.route(x_MD, qkv(text), qkv(vision) if vision is not None else None)
         q_MF, k_MF, v_MF = qkv_MF.split([n_q, n_kv, n_kv], dim=-1)
-        shape = (routing.batch, routing.seq, -1, head_dim)
+        shape = (batch, seq, -1, head_dim)
         query_BHTD = q_MF.reshape(shape).transpose(1, 2)  # [B*T, H*d] -> [B, H, T, d]
         key_BKTD = k_MF.reshape(shape).transpose(1, 2)
         value_BKTD = v_MF.reshape(shape).transpose(1, 2)
-        cos, sin = ctx.position_embeddings
+        cos, sin = position_embeddings
         query_BHTD, key_BKTD = apply_rotary_pos_emb(query_BHTD, key_BKTD, cos, sin)
         if past_key_values is not None:
             key_BKTD, value_BKTD = past_key_values.update(key_BKTD, value_BKTD, self.layer_idx)
-
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        common = dict(dropout=attn.attention_dropout if self.training else 0.0, scaling=attn.scaling)
-        if ctx.use_varlen and self.same_modality_only:
-            # (modality, document) segments are contiguous in concat order: reorder, attend per segment, restore
-            out_BTHd, _ = interface(attn, routing.to_concat(query_BHTD), routing.to_concat(key_BKTD),
-                                    routing.to_concat(value_BKTD), None, **common,
-                                    **routing.modality_segments.kwargs())
-            out_BTHd = routing.from_concat(out_BTHd)
-        elif ctx.use_varlen:
-            out_BTHd, _ = interface(attn, query_BHTD, key_BKTD, value_BKTD, None, **common, **routing.docs.kwargs())
-        else:
-            mask = ctx.mask_same_modality if self.same_modality_only else ctx.mask_document
-            out_BTHd, _ = interface(attn, query_BHTD, key_BKTD, value_BKTD, mask, **common)
-        out_MF = out_BTHd.reshape(routing.batch * routing.seq, n_q)  # [B, T, H, d] -> [B*T, H*d]
-        return routing.route(out_MF, text.self_attn.o_proj, vision.self_attn.o_proj if vision is not None else None)
+        out_BTHd, _ = interface(attn, query_BHTD, key_BKTD, value_BKTD, mask,
+                                dropout=attn.attention_dropout if self.training else 0.0, scaling=attn.scaling,
+                                **varlen_kwargs)
+        return out_BTHd.reshape(batch * seq, n_q)  # [B, T, H, d] -> [B*T, H*d]
 
 
 class SeparatedDecoderLayer(SharedDecoderLayer):
@@ -271,7 +293,11 @@ class UniXModel(UniXPreTrainedModel, Qwen2Model):
             )
         elif attention_mask is not None:
             raise AssertionError("unreachable: packed rows carry no attention_mask")
-        ctx = LayerContext(routing, self.rotary_emb(inputs_embeds, position_ids), mask_document, mask_same, use_varlen)
+        cos, sin = self.rotary_emb(inputs_embeds, position_ids)
+        concat = None
+        if use_varlen and self.config.has_same_modality_layers:  # B == 1: flat index == token index
+            concat = (cos.index_select(1, routing.concat_idx_M), sin.index_select(1, routing.concat_idx_M))
+        ctx = LayerContext(routing, (cos, sin), concat, mask_document, mask_same, use_varlen)
 
         hidden_states = inputs_embeds
         for layer in self.layers[: self.config.num_hidden_layers]:

@@ -11,10 +11,11 @@ Two tables from one command:
    the padding mask); and transformers' ``DataCollatorWithFlattening`` rows on the stock ``Qwen2ForCausalLM`` (sdpa
    with the block mask transformers builds from ``position_ids``). Reports REAL (non-padding) tokens/s.
 
-Method: every case runs in a fresh spawned process (so its memory is its own), with ``torch.set_num_threads
-(threads)``, ``warmup`` untimed iterations, then the median of ``repeats`` timed iterations of forward + backward.
-Memory is the peak resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) of that process minus its
-value after the model and inputs were built: the extra memory of training iterations (activations, gradients).
+Method: ``torch.set_num_threads(threads)``; each case gets ``warmup`` untimed iterations, then the cases of a table
+are timed round-robin (``repeats`` rounds, so that load spikes on a shared machine hit every case alike) and the
+median iteration time is reported. Memory: each case runs one more iteration in a fresh spawned process, and the
+peak resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) minus its value after the model and inputs
+were built is reported: the extra memory of a training iteration (activations, gradients).
 """
 
 from __future__ import annotations
@@ -124,11 +125,10 @@ def _flattened_batches(bins: list[list[list[int]]]):
     return out
 
 
-def _run_case(case: dict) -> dict:
-    """Child process: build the model and batches, time fwd+bwd, report tokens/s and memory."""
+def _build_case(case: dict):
+    """Model (train mode), batches and real-token count of one case."""
     import torch
 
-    torch.set_num_threads(case["threads"])
     torch.manual_seed(0)
     from modeling import build_model
 
@@ -150,31 +150,59 @@ def _run_case(case: dict) -> dict:
         batches = _padded_batches(docs, case["batch_size"])
     else:
         batches = _flattened_batches(bins)
-    real_tokens = sum(map(len, docs))
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return model, batches, sum(map(len, docs))
 
-    def step():
-        for batch in batches:
-            model(**batch).loss.backward()
-        model.zero_grad(set_to_none=True)
 
-    for _ in range(case["warmup"]):
-        step()
-    times = []
-    for _ in range(case["repeats"]):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    n_params = sum(p.numel() for p in model.parameters())
-    vision = sum(p.numel() for n, p in model.named_parameters() if ".vision." in n or ".vision_mlp." in n)
-    return dict(
-        case=case["name"], real_tokens=real_tokens, seconds_median=round(median, 3),
-        tokens_per_s=round(real_tokens / median, 1), times=[round(t, 3) for t in times],
-        peak_rss_delta_mb=round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024, 1),
-        total_params=n_params, active_params_per_token=n_params - vision,
-        rows=len(batches), padded_tokens=sum(int(b["input_ids"].numel()) for b in batches),
-    )
+def _step(model, batches) -> None:
+    for batch in batches:
+        model(**batch).loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def _peak_memory_child(case: dict) -> float:
+    """Child process: MiB of peak RSS added by one training iteration over the post-setup baseline."""
+    import torch
+
+    torch.set_num_threads(case["threads"])
+    model, batches, _ = _build_case(case)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _step(model, batches)
+    return round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024, 1)
+
+
+def _run_all(cases: list[dict], warmup: int, repeats: int, threads: int) -> list[dict]:
+    """Time every case round-robin in this process (load spikes on a shared machine hit all cases alike), then
+    measure each case's memory in a fresh spawned process (peak RSS is per process)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    built = [_build_case(case) for case in cases]
+    for model, batches, _ in built:
+        for _ in range(warmup):
+            _step(model, batches)
+    times: list[list[float]] = [[] for _ in cases]
+    for _ in range(repeats):
+        for i, (model, batches, _) in enumerate(built):
+            start = time.perf_counter()
+            _step(model, batches)
+            times[i].append(time.perf_counter() - start)
+    ctx = multiprocessing.get_context("spawn")
+    results = []
+    for case, (model, batches, real_tokens), t in zip(cases, built, times):
+        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            peak = pool.submit(_peak_memory_child, case).result()
+        n_params = sum(p.numel() for p in model.parameters())
+        vision = sum(p.numel() for n, p in model.named_parameters() if ".vision." in n or ".vision_mlp." in n)
+        median = statistics.median(t)
+        result = dict(
+            case=case["name"], real_tokens=real_tokens, seconds_median=round(median, 3),
+            tokens_per_s=round(real_tokens / median, 1), times=[round(x, 3) for x in t],
+            peak_rss_delta_mb=peak, total_params=n_params, active_params_per_token=n_params - vision,
+            rows=len(batches), padded_tokens=sum(int(b["input_ids"].numel()) for b in batches),
+        )
+        logger.info("{case}: {tokens_per_s} tok/s (times {times}), +{peak_rss_delta_mb} MiB", **result)
+        results.append(result)
+    return results
 
 
 def _qwen2_config(config):
@@ -183,17 +211,6 @@ def _qwen2_config(config):
     d = {k: getattr(config, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                           "num_attention_heads", "num_key_value_heads", "max_position_embeddings")}
     return Qwen2Config(**d)
-
-
-def _run_all(cases: list[dict]) -> list[dict]:
-    ctx = multiprocessing.get_context("spawn")
-    results = []
-    for case in cases:  # one fresh process per case, one at a time (they would fight for the cores)
-        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-            result = pool.submit(_run_case, case).result()
-        logger.info("{case}: {tokens_per_s} tok/s, +{peak_rss_delta_mb} MiB", **result)
-        results.append(result)
-    return results
 
 
 def _table(title: str, rows: list[dict], reference: str) -> str:
@@ -237,14 +254,14 @@ def main(
     if variants:
         cases = [dict(common, name=v, variant=v, mode="packed", tokens=seq_len)
                  for v in ("dense", "unix", "mot", "moe")]
-        rows = _run_all(cases)
+        rows = _run_all(cases, warmup, repeats, threads)
         report["variants"] = rows
         text.append(_table(f"fwd+bwd on packed rows of <= {seq_len} tokens, equal active params per token", rows,
                            "dense"))
     if packing:
         cases = [dict(common, name=m, variant="dense", mode=m, tokens=packing_tokens)
                  for m in ("packed", "padded", "flattening")]
-        rows = _run_all(cases)
+        rows = _run_all(cases, warmup, repeats, threads)
         report["packing"] = rows
         text.append(_table(f"dense fwd+bwd, same documents ({packing_tokens} real tokens): packed vs padded "
                            f"(batch {batch_size}) vs DataCollatorWithFlattening", rows, "packed"))

@@ -176,6 +176,10 @@ class UniTrainingArguments(TrainingArguments):
     per_device_train_batch_size: int = field(default=1, metadata={"help": "Rows per device per micro-step."})
     # Rows are dicts of our own keys; the Trainer must not drop them by the model's forward signature.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the collator owns the keys."})
+    warmup_ratio: float | None = field(
+        default=None, metadata={"help": "Reference knob: warmup as a fraction of the steps (sets warmup_steps, which "
+                                "transformers 5 reads as a ratio when < 1)."}
+    )
     write_loss_curves: bool = field(
         default=True, metadata={"help": "Write loss_curves.csv/.png (per-modality losses) into output_dir."}
     )
@@ -183,6 +187,13 @@ class UniTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns=True would drop the packed-row keys; keep it False")
+        if self.warmup_ratio is not None:
+            _check_fraction("warmup_ratio", self.warmup_ratio)
+            if self.warmup_ratio >= 1.0:
+                raise ValueError(f"warmup_ratio={self.warmup_ratio} must be < 1")
+            if self.warmup_steps:
+                raise ValueError(f"warmup_ratio={self.warmup_ratio} and warmup_steps={self.warmup_steps}: give one")
+            self.warmup_steps = self.warmup_ratio
         # Streamed rows differ in length and every rank reads its own shards: accelerate must not fetch batches on
         # rank 0 and concatenate them for dispatch (its default for iterable datasets), which fails on ragged rows.
         if self.accelerator_config is None:

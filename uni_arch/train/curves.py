@@ -13,7 +13,7 @@ from pathlib import Path
 from loguru import logger
 from transformers import TrainerCallback
 
-CURVE_COLUMNS = ("step", "epoch", "loss", "text_loss", "image_loss", "learning_rate", "grad_norm",
+CURVE_COLUMNS = ("step", "epoch", "loss", "text_loss", "image_loss", "learning_rate", "grad_norm", "real_tokens",
                  "tokens_per_second", "token_utilisation", "text_tokens", "image_tokens")
 CSV_NAME, PNG_NAME = "loss_curves.csv", "loss_curves.png"
 

@@ -40,6 +40,7 @@ from uni_arch.train.packing import pack, padded_utilisation
 from uni_arch.train.templates import SampleError
 
 Span = tuple[int, int]
+NOT_RECORDS = frozenset({"errors.jsonl"})  # bookkeeping files of data_process/encode_images.py
 
 
 class SampleLike(Protocol):
@@ -103,8 +104,9 @@ def parse_data_path(spec: str) -> list[Source]:
         p = Path(path)
         if any(ch in path for ch in "*?["):
             files = sorted(Path(f) for f in glob.glob(path, recursive=True) if f.endswith(".jsonl"))
-        elif p.is_dir():
-            files = sorted(p.rglob("*.jsonl"))
+        elif p.is_dir():  # every record shard below it, minus hidden paths and the encoder's errors.jsonl
+            files = sorted(f for f in p.rglob("*.jsonl") if f.name not in NOT_RECORDS
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
         else:
             files = [p] if p.is_file() else []
         if not files:

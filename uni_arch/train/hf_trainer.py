@@ -77,7 +77,10 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Un
         trainer.save_state()
         if trainer.is_world_process_zero():
             (Path(training_args.output_dir) / "run_args.json").write_text(json.dumps(
-                {"model": vars(model_args), "data": vars(data_args), "metrics": result.metrics}, indent=2, default=str))
+                {"model": vars(model_args), "data": vars(data_args), "metrics": result.metrics,
+                 "training": {k: getattr(training_args, k) for k in ("learning_rate", "max_steps", "seed",
+                                                                     "per_device_train_batch_size", "world_size")}},
+                indent=2, default=str))
             logger.info(f"checkpoint: {training_args.output_dir}")
     finally:
         if dist.is_available() and dist.is_initialized():

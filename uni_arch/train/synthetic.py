@@ -86,10 +86,11 @@ def write_model_config(path: str | Path, *, hidden_size: int = 32, layers: int =
     return Path(path)
 
 
-def make_world(root: str | Path, n_records: int = 200, seed: int = 0, shards: int = 2, **model_kwargs) -> dict[str, str]:
+def make_world(root: str | Path, n_records: int = 200, seed: int = 0, shards: int = 2, grid: tuple[int, int] = (4, 4),
+               codebook: int = 64, **model_kwargs) -> dict[str, str]:
     """Records (``shards`` files), tokenizer and model config under ``root``; returns the paths as train args."""
     root = Path(root)
-    records = synthetic_records(n_records, seed)
+    records = synthetic_records(n_records, seed, grid=grid, codebook=codebook)
     per = (len(records) + shards - 1) // shards
     for k in range(shards):
         write_records(records[k * per : (k + 1) * per], root / "records" / f"part-{k:03d}.jsonl")
@@ -97,4 +98,4 @@ def make_world(root: str | Path, n_records: int = 200, seed: int = 0, shards: in
         write_tokenizer(root / "tokenizer")
     write_model_config(root / "model.json", **model_kwargs)
     return {"data_path": str(root / "records"), "tokenizer_path": str(root / "tokenizer"),
-            "model_config": str(root / "model.json"), "image_level_sizes": "64"}
+            "model_config": str(root / "model.json"), "image_level_sizes": str(codebook)}

@@ -128,7 +128,7 @@ class UniTrainer(Trainer):
         m = dict(zip(_METRICS, sums.tolist()))
         elapsed = max(time.perf_counter() - (self._metric_clock or time.perf_counter()), 1e-9)
         self._metric_sums, self._metric_clock = None, None
-        out = {"text_tokens": m["text_tokens"], "image_tokens": m["image_tokens"],
+        out = {"text_tokens": m["text_tokens"], "image_tokens": m["image_tokens"], "real_tokens": m["real_tokens"],
                "tokens_per_second": m["real_tokens"] / elapsed,
                "token_utilisation": m["real_tokens"] / max(m["capacity_tokens"], 1.0)}
         if m["text_tokens"]:

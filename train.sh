@@ -1,0 +1,212 @@
+#!/usr/bin/env bash
+# Train a Uni-X model with the HF Trainer (uni_arch/train/hf_trainer.py).
+#
+#   bash train.sh                                   # the default: tiny Uni-X on the shapes world, CPU, ~15 min
+#   bash train.sh configs/train/stage2.yaml         # a preset (YAML keys are hf_trainer.py argument names)
+#   LEARNING_RATE=3e-4 MAX_STEPS=200 bash train.sh  # any parameter below, from the environment
+#   LAUNCHER=accelerate NUM_PROCESSES=8 bash train.sh configs/train/stage3.yaml
+#
+# Precedence: the defaults below < the YAML preset (first argument) < environment variables < extra arguments
+# after the preset (passed to hf_trainer.py verbatim, e.g. `bash train.sh cfg.yaml --max_steps 5`).
+# With the default data (the shapes world) a fresh machine is set up first: .venv, the shapes world, its text
+# tokenizer and VQ tokenizer, and the code-ID records; each step is skipped when its output exists.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$ROOT"
+ENV_VARS=" $(compgen -e | tr '\n' ' ') "   # what the caller set (it beats the preset)
+
+# =====================================================================================================
+# 1. Parameters (each one overridable from the environment)
+# =====================================================================================================
+# -- Task & logging --
+: "${RUN_NAME=shapes-tiny-unix}"
+: "${OUTPUT_DIR=outputs/${RUN_NAME}}"
+: "${REPORT_TO=none}"                          # none | wandb | tensorboard
+
+# -- Launcher & distributed --
+: "${LAUNCHER=python}"                          # python | torchrun | accelerate | deepspeed
+: "${NUM_PROCESSES=1}"                          # processes per node (GPUs, or CPU ranks)
+: "${NUM_MACHINES=1}"
+: "${MACHINE_RANK=0}"
+: "${MAIN_IP=127.0.0.1}"                        # address of node 0
+: "${MAIN_PORT=16374}"
+: "${HOSTFILE=}"                                # DeepSpeed hostfile (multi-node)
+: "${ACCELERATE_CONFIG=configs/accelerate/single_node.yaml}"
+: "${DEEPSPEED_CONFIG=}"                        # e.g. configs/deepspeed/zero2.json ('' = none; deepspeed launcher: zero2)
+: "${USE_CPU=auto}"                             # auto: true when no CUDA device is visible
+: "${NUM_THREADS=2}"                            # torch CPU threads per process
+
+# -- Model & data paths --
+: "${MODEL_PATH=}"                              # checkpoint to start from ('' = fresh init from MODEL_CONFIG)
+: "${MODEL_CONFIG=configs/model/tiny_unix.json}"
+: "${TOKENIZER_PATH=data/shapes/tokenizer}"     # a directory, or qwen2.5
+: "${IMAGE_TOKENIZER=shapes}"                   # shapes | chameleon | hqvae
+: "${IMAGE_TOKENIZER_PATH=data/shapes/vq}"
+: "${DATA_PATH=data/shapes_codes/shapes_captions:0.5,data/shapes_codes/shapes_vqa:0.3,data/shapes_codes/shapes_text:0.2}"
+: "${STREAMING_DATA=0}"
+: "${DATA_PERCENTAGE=1.0}"
+: "${T2I_RATIO=0.5}"                            # image_text records: P(text-to-image), else image-to-text
+: "${SHUFFLE_SEED=218}"
+: "${VQ_RESOLUTION=64}"
+
+# -- Model architecture --
+: "${MODEL_VERSION=qwen2}"
+: "${CUSTOM_CLS=uni_qwen}"                      # uni_qwen | none (plain dense)
+: "${MODEL_SPEC_MODULE=x}"                      # x (Uni-X) | mot | moe | dense
+: "${VISION_ENCODE_LAYERS=}"                    # "" = the model config's (tiny_unix: 1)
+: "${VISION_DECODE_LAYERS=}"                    # "" = the model config's (tiny_unix: 1)
+: "${ALL_MODAL_VISIBLE=}"                       # "" = the model config's (tiny_unix: 0)
+: "${UNFREEZE_KEYS=train-all}"                  # or e.g. vision,image_embeddings (stage 1)
+: "${FFN_VISION_SIZE=}"                         # '' = the config's
+: "${FFN_SHARE_SIZE=}"
+
+# -- Training hyper-parameters --
+: "${BF16=false}"
+: "${LEARNING_RATE=2e-3}"
+: "${MAX_STEPS=450}"
+: "${TRAIN_BATCH_SIZE=1}"                       # packed rows per device per micro-step
+: "${MODEL_MAX_LENGTH=2048}"
+: "${USE_DATA_PACKING=2}"                       # 0: no packing, 1: pretrain packing, 2: SFT packing
+: "${GRAD_ACCUM_STEPS=1}"
+: "${WEIGHT_DECAY=0.0}"
+: "${WARMUP_RATIO=0.05}"
+: "${LR_SCHEDULER=cosine}"
+: "${IGNORE_INSTRUCTION=1}"
+: "${CFG_DROPOUT=0.1}"
+: "${SEED=42}"
+
+# -- Saving & logging --
+: "${SAVE_STEPS=0.25}"                          # < 1: a fraction of the total steps
+: "${SAVE_TOTAL_LIMIT=1}"
+: "${LOGGING_STEPS=10}"
+
+# -- Performance & others --
+: "${GRADIENT_CHECKPOINTING=0}"
+: "${DATALOADER_WORKERS=0}"
+: "${RESUME_FROM_CHECKPOINT=0}"                 # 1: the newest checkpoint in OUTPUT_DIR, or a path
+
+# -- Shapes-world set-up (only for the default data) --
+: "${SETUP_SHAPES=auto}"                        # auto: when the data/tokenizers are the shapes-world defaults
+: "${SHAPES_NUM_IMAGES=4000}"
+: "${VQ_TIME_BUDGET_S=270}"
+
+# =====================================================================================================
+# 2. Execution (usually no changes needed below)
+# =====================================================================================================
+PRESET=""
+if [[ $# -gt 0 && "$1" != --* ]]; then PRESET="$1"; shift; fi
+[[ -z "$PRESET" || -f "$PRESET" ]] || { echo "train.sh: preset $PRESET not found" >&2; exit 2; }
+
+bash tools/setup_env.sh
+VENV="${UNIX_VENV:-$ROOT/.venv}"
+PY="$VENV/bin/python"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export OMP_NUM_THREADS="$NUM_THREADS"
+
+PRESET_KEYS=" "
+if [[ -n "$PRESET" ]]; then
+  PRESET_KEYS=" $("$PY" -c 'import sys, yaml; print(" ".join(yaml.safe_load(open(sys.argv[1])) or {}))' "$PRESET") "
+fi
+
+value_of() {  # the value hf_trainer.py gets for one argument, or nothing (then the preset/default decides)
+  local var="$1" key="$2"
+  if [[ "$ENV_VARS" != *" $var "* && "$PRESET_KEYS" == *" $key "* ]]; then return; fi
+  printf '%s' "${!var}"
+}
+
+if [[ "$USE_CPU" == auto ]]; then
+  USE_CPU=$("$PY" -c 'import torch; print(str(not torch.cuda.is_available()).lower())')
+fi
+
+# -- arguments: variable -> hf_trainer.py argument --
+KNOBS=(
+  RUN_NAME:run_name OUTPUT_DIR:output_dir REPORT_TO:report_to USE_CPU:use_cpu
+  MODEL_PATH:model_name_or_path MODEL_CONFIG:model_config TOKENIZER_PATH:tokenizer_path
+  IMAGE_TOKENIZER:image_tokenizer IMAGE_TOKENIZER_PATH:image_tokenizer_path DATA_PATH:data_path
+  STREAMING_DATA:streaming_data DATA_PERCENTAGE:data_percentage T2I_RATIO:t2i_ratio SHUFFLE_SEED:shuffle_seed
+  VQ_RESOLUTION:vq_resolution MODEL_VERSION:model_version CUSTOM_CLS:custom_cls MODEL_SPEC_MODULE:model_spec_module
+  VISION_ENCODE_LAYERS:vision_encode_layers VISION_DECODE_LAYERS:vision_decode_layers
+  ALL_MODAL_VISIBLE:all_modal_visible UNFREEZE_KEYS:unfreeze_keys FFN_VISION_SIZE:ffn_vision_size
+  FFN_SHARE_SIZE:ffn_share_size BF16:bf16 LEARNING_RATE:learning_rate MAX_STEPS:max_steps
+  TRAIN_BATCH_SIZE:per_device_train_batch_size MODEL_MAX_LENGTH:model_max_length USE_DATA_PACKING:use_data_packing
+  GRAD_ACCUM_STEPS:gradient_accumulation_steps WEIGHT_DECAY:weight_decay WARMUP_RATIO:warmup_ratio
+  LR_SCHEDULER:lr_scheduler_type IGNORE_INSTRUCTION:ignore_instruction CFG_DROPOUT:cfg_dropout SEED:seed
+  SAVE_STEPS:save_steps SAVE_TOTAL_LIMIT:save_total_limit LOGGING_STEPS:logging_steps
+  GRADIENT_CHECKPOINTING:activation_checkpointing DATALOADER_WORKERS:dataloader_num_workers
+  RESUME_FROM_CHECKPOINT:resume_from_checkpoint DEEPSPEED_CONFIG:deepspeed
+)
+ARGS=()
+[[ -n "$PRESET" ]] && ARGS+=(--config "$PRESET")
+for knob in "${KNOBS[@]}"; do
+  var="${knob%%:*}"; key="${knob#*:}"
+  value="$(value_of "$var" "$key")"
+  [[ -z "$value" ]] && continue
+  if [[ "$key" == activation_checkpointing ]]; then [[ "$value" == 1 || "$value" == true ]] || continue; value=true; fi
+  ARGS+=("--$key" "$value")
+done
+ARGS+=("$@")
+# What the trainer will really use (a preset may set it); this also validates every argument before any work.
+EFFECTIVE="$("$PY" -c 'import sys; from uni_arch.train.args import parse_args; m, d, t = parse_args(sys.argv[1:])
+print(t.output_dir); print(d.data_path)' "${ARGS[@]}")"
+OUT="$(sed -n 1p <<< "$EFFECTIVE")"
+DATA_EFFECTIVE="$(sed -n 2p <<< "$EFFECTIVE")"
+mkdir -p "$OUT"
+
+# -- the shapes world, its tokenizers and its code-ID records (each step skipped when done) --
+if [[ "$SETUP_SHAPES" == auto ]]; then
+  [[ "$DATA_EFFECTIVE" == *data/shapes_codes* ]] && SETUP_SHAPES=1 || SETUP_SHAPES=0
+fi
+if [[ "$SETUP_SHAPES" == 1 ]]; then
+  if [[ ! -f data/shapes/data_config.yaml ]]; then
+    echo "--- building the shapes world (data/shapes) ---"
+    "$PY" data_process/shapes_world.py build --out_dir data/shapes --num_images "$SHAPES_NUM_IMAGES"
+  fi
+  if [[ ! -f data/shapes/tokenizer/tokenizer.json ]]; then
+    echo "--- training the shapes text tokenizer (data/shapes/tokenizer) ---"
+    "$PY" data_process/text_tokenizer.py train --out_dir data/shapes/tokenizer
+  fi
+  if [[ ! -f data/shapes/vq/metrics.json ]]; then
+    echo "--- training the shapes VQ tokenizer (data/shapes/vq, ~${VQ_TIME_BUDGET_S}s) ---"
+    "$PY" data_process/train_vq.py --out_dir data/shapes/vq --time_budget_s "$VQ_TIME_BUDGET_S"
+  fi
+  if [[ ! -f data/shapes_codes/manifest.json ]]; then
+    echo "--- encoding the shapes world into code-ID records (data/shapes_codes) ---"
+    "$PY" data_process/encode_images.py --data_config data/shapes/data_config.yaml --out_dir data/shapes_codes \
+      --tokenizer shapes --checkpoint data/shapes/vq --num_workers 2
+  fi
+fi
+
+
+ENTRY=uni_arch/train/hf_trainer.py
+case "$LAUNCHER" in
+  python)
+    CMD=("$PY" "$ENTRY") ;;
+  torchrun)
+    CMD=("$PY" -m torch.distributed.run --nproc_per_node "$NUM_PROCESSES" --nnodes "$NUM_MACHINES"
+         --node_rank "$MACHINE_RANK" --master_addr "$MAIN_IP" --master_port "$MAIN_PORT" "$ENTRY")
+    [[ "$USE_CPU" == true ]] && ARGS+=(--ddp_backend gloo) ;;
+  accelerate)
+    CMD=("$VENV/bin/accelerate" launch --config_file "$ACCELERATE_CONFIG" --num_processes "$((NUM_PROCESSES * NUM_MACHINES))"
+         --num_machines "$NUM_MACHINES" --machine_rank "$MACHINE_RANK" --main_process_ip "$MAIN_IP"
+         --main_process_port "$MAIN_PORT")
+    [[ -n "$HOSTFILE" ]] && CMD+=(--deepspeed_hostfile "$HOSTFILE")
+    CMD+=("$ENTRY") ;;
+  deepspeed)
+    CMD=("$VENV/bin/deepspeed" --master_addr "$MAIN_IP" --master_port "$MAIN_PORT")
+    if [[ -n "$HOSTFILE" ]]; then CMD+=(--hostfile "$HOSTFILE"); else CMD+=(--num_gpus "$NUM_PROCESSES"); fi
+    CMD+=("$ENTRY")
+    [[ -z "$(value_of DEEPSPEED_CONFIG deepspeed)" && "$PRESET_KEYS" != *" deepspeed "* ]] \
+      && ARGS+=(--deepspeed configs/deepspeed/zero2.json) ;;
+  *) echo "train.sh: LAUNCHER=$LAUNCHER must be python, torchrun, accelerate or deepspeed" >&2; exit 2 ;;
+esac
+
+echo "--- Starting training: ${RUN_NAME} (launcher: ${LAUNCHER}) -> ${OUT} ---"
+START=$(date +%s)
+"${CMD[@]}" "${ARGS[@]}" 2>&1 | tee "$OUT/train.log"
+echo "--- finished in $(( $(date +%s) - START ))s ---"
+
+# -- report: the unigram baseline the losses must beat, and where everything is --
+"$PY" -m uni_arch.train.unigram "${ARGS[@]}" 2>&1 | tail -n 4 || true
+echo "checkpoint:   $OUT"
+echo "loss curves:  $OUT/loss_curves.csv  $OUT/loss_curves.png"
+echo "log:          $OUT/train.log"

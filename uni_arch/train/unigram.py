@@ -1,0 +1,92 @@
+"""The loss a model must beat: the entropy of the unigram distribution of the training targets, per modality.
+
+A model that ignored its context and predicted each modality's token frequencies would reach exactly these
+cross-entropies (in nats, like the training loss), so a run that has learned anything sits clearly below them.
+The targets are counted on the very rows the run trains on (same arguments, same rendering and packing; the
+first token of each document is not a target, as in the collator).
+
+    python -m uni_arch.train.unigram --config configs/train/shapes.yaml [same arguments as hf_trainer.py]
+
+Writes ``output_dir/unigram_baseline.json`` and, when ``output_dir/loss_curves.csv`` exists, prints the run's final
+text and image losses next to the baselines.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from loguru import logger
+
+from modeling.vocab import CodeVocab
+
+
+def unigram_entropy(counts: Counter) -> float:
+    """Entropy (nats) of the empirical distribution ``counts``."""
+    n = sum(counts.values())
+    return -sum(c / n * math.log(c / n) for c in counts.values()) if n else float("nan")
+
+
+def count_targets(rows: Iterable[dict], vocab: CodeVocab) -> dict[str, Counter]:
+    """Target-token counts per modality (image = image codes and ``<|vision_end|>``, as in the trainer)."""
+    counts = {"text": Counter(), "image": Counter()}
+    start, end = vocab.image_token_range
+    for row in rows:
+        labels = np.asarray(row["labels"]).copy()
+        starts = np.cumsum([0] + list(row["doc_lens"])[:-1])
+        labels[starts] = -100
+        labels = labels[labels != -100]
+        image = ((labels >= start) & (labels < end)) | (labels == vocab.vision_end_id)
+        counts["image"].update(labels[image].tolist())
+        counts["text"].update(labels[~image].tolist())
+    return counts
+
+
+def final_losses(curves_csv: Path, last: int = 5) -> dict[str, float]:
+    """Mean of the last ``last`` logged values of each loss (one log is noisy)."""
+    from uni_arch.train.curves import read_curves
+
+    rows = read_curves(curves_csv)
+    out = {}
+    for key in ("loss", "text_loss", "image_loss"):
+        values = [r[key] for r in rows if key in r][-last:]
+        if values:
+            out[key] = sum(values) / len(values)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from uni_arch.log_setup import setup_logging
+    from uni_arch.train import builders
+    from uni_arch.train.args import parse_args
+
+    model_args, data_args, training_args = parse_args(argv)
+    setup_logging(0)
+    data_args.streaming_data = 0  # count over the materialised rows
+    tokenizer = builders.build_tokenizer(model_args)
+    vocab = builders.build_code_vocab(model_args, tokenizer)
+    sample_builder = builders.build_sample_builder(data_args, tokenizer, vocab)
+    dataset = builders.build_train_dataset(data_args, training_args, sample_builder, vocab)
+    counts = count_targets(dataset.rows, vocab)
+    result = {f"{m}_unigram_entropy": unigram_entropy(c) for m, c in counts.items()}
+    result.update({f"{m}_targets": sum(c.values()) for m, c in counts.items()})
+    out_dir = Path(training_args.output_dir)
+    curves = out_dir / "loss_curves.csv"
+    if curves.is_file():
+        result["final"] = final_losses(curves)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "unigram_baseline.json").write_text(json.dumps(result, indent=2))
+    lines = [f"{'':8s}{'unigram H':>12s}{'final loss':>12s}"]
+    for m in ("text", "image"):
+        final = result.get("final", {}).get(f"{m}_loss", float("nan"))
+        lines.append(f"{m:8s}{result[f'{m}_unigram_entropy']:12.4f}{final:12.4f}")
+    logger.info("unigram baseline (nats/token) vs the run's final losses (mean of the last 5 logs):\n" + "\n".join(lines))
+    return result
+
+
+if __name__ == "__main__":
+    main()
