@@ -63,9 +63,9 @@ ENV_VARS=" $(compgen -e | tr '\n' ' ') "   # what the caller set (it beats the p
 # -- Training hyper-parameters --
 : "${BF16=false}"
 : "${LEARNING_RATE=2e-3}"
-: "${MAX_STEPS=450}"
+: "${MAX_STEPS=350}"
 : "${TRAIN_BATCH_SIZE=1}"                       # packed rows per device per micro-step
-: "${MODEL_MAX_LENGTH=2048}"
+: "${MODEL_MAX_LENGTH=4096}"
 : "${USE_DATA_PACKING=2}"                       # 0: no packing, 1: pretrain packing, 2: SFT packing
 : "${GRAD_ACCUM_STEPS=1}"
 : "${WEIGHT_DECAY=0.0}"

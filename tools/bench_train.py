@@ -71,7 +71,7 @@ def _throughput(base: list[str], mode: int, seq_len: int, batch_size: int, steps
             "token_utilisation": sum(h["token_utilisation"] for h in logs) / max(len(logs), 1), "steps": len(logs)}
 
 
-def main(seq_len: int = 2048, batch_size: int = 8, steps: int = 10, warmup: int = 2, threads: int = 2,
+def main(seq_len: int = 4096, batch_size: int = 8, steps: int = 10, warmup: int = 2, threads: int = 2,
          synthetic: bool | None = None, out: str = "outputs/bench_train.json") -> None:
     """Run both tables; ``synthetic=None`` uses the shapes world when it is encoded, else the synthetic world."""
     from uni_arch.log_setup import setup_logging
