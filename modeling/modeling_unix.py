@@ -38,6 +38,8 @@ from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2MLP,
     Qwen2Model,
     Qwen2PreTrainedModel,
+    Qwen2RMSNorm,
+    Qwen2RotaryEmbedding,
     apply_rotary_pos_emb,
     eager_attention_forward,
 )
@@ -215,8 +217,6 @@ class UniXModel(UniXPreTrainedModel, Qwen2Model):
         self.layers = nn.ModuleList(
             [layer_class(kind)(config, i) for i, kind in enumerate(config.layer_kinds)]
         )
-        from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, Qwen2RotaryEmbedding
-
         self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Qwen2RotaryEmbedding(config=config)
         self.gradient_checkpointing = False
@@ -276,28 +276,9 @@ class UniXModel(UniXPreTrainedModel, Qwen2Model):
         cu_seq_lens = self._check_packed(cu_seq_lens_q, cu_seq_lens_k, batch, seq, past_len) if packed else None
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(f"attention_mask must be a 2-D padding mask [B, past+T], got {tuple(attention_mask.shape)}")
-        if position_ids is None:
-            if attention_mask is not None:  # left padding: positions count real tokens only
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
-            else:
-                position_ids = torch.arange(seq, device=inputs_embeds.device)[None] + past_len
-
-        routing = ModalityRouting.build(vision_mask, cu_seq_lens)
-        key_vision_BS = self._key_modality(vision_mask, past_key_values)
-        use_varlen = packed and self.config._attn_implementation in VARLEN_IMPLEMENTATIONS
-        mask_document = mask_same = None
-        if not use_varlen:
-            mask_document, mask_same = build_attention_masks(
-                routing, key_vision_BS, past_len, attention_mask, inputs_embeds.dtype,
-                self.config.has_same_modality_layers,
-            )
-        elif attention_mask is not None:
-            raise AssertionError("unreachable: packed rows carry no attention_mask")
-        cos, sin = self.rotary_emb(inputs_embeds, position_ids)
-        concat = None
-        if use_varlen and self.config.has_same_modality_layers:  # B == 1: flat index == token index
-            concat = (cos.index_select(1, routing.concat_idx_M), sin.index_select(1, routing.concat_idx_M))
-        ctx = LayerContext(routing, (cos, sin), concat, mask_document, mask_same, use_varlen)
+        position_ids = self._position_ids(position_ids, attention_mask, packed, seq, past_len, inputs_embeds.device)
+        ctx = self._layer_context(inputs_embeds, vision_mask, cu_seq_lens, position_ids, attention_mask,
+                                  past_key_values, past_len)
 
         hidden_states = inputs_embeds
         for layer in self.layers[: self.config.num_hidden_layers]:
@@ -306,6 +287,38 @@ class UniXModel(UniXPreTrainedModel, Qwen2Model):
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None
         )
+
+    @staticmethod
+    def _position_ids(position_ids, attention_mask, packed: bool, seq: int, past_len: int, device) -> torch.Tensor:
+        if position_ids is None:
+            if attention_mask is not None:  # left padding: positions count real tokens only
+                return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+            return torch.arange(seq, device=device)[None] + past_len
+        if not packed and seq > 1 and bool((position_ids[:, 1:] < position_ids[:, :-1]).any()):
+            # Restarting positions without boundaries = a flattened batch (e.g. DataCollatorWithFlattening without
+            # return_flash_attn_kwargs). Boundaries are never inferred from position jumps, so refuse it here
+            # instead of letting its documents attend to each other.
+            raise ValueError("position_ids restart inside a row but no cu_seq_lens_q/k were given: pass the document "
+                             "boundaries explicitly (e.g. DataCollatorWithFlattening(return_flash_attn_kwargs=True))")
+        return position_ids
+
+    def _layer_context(self, inputs_embeds, vision_BT, cu_seq_lens, position_ids, attention_mask, cache,
+                       past_len: int) -> LayerContext:
+        """Routing indices, RoPE tables and (only where needed) explicit masks: once per forward, for all layers."""
+        routing = ModalityRouting.build(vision_BT, cu_seq_lens)
+        key_vision_BS = self._key_modality(vision_BT, cache)
+        use_varlen = cu_seq_lens is not None and self.config._attn_implementation in VARLEN_IMPLEMENTATIONS
+        mask_document = mask_same = None
+        if not use_varlen:
+            mask_document, mask_same = build_attention_masks(
+                routing, key_vision_BS, past_len, attention_mask, inputs_embeds.dtype,
+                self.config.has_same_modality_layers,
+            )
+        cos, sin = self.rotary_emb(inputs_embeds, position_ids)
+        concat = None
+        if use_varlen and self.config.has_same_modality_layers:  # B == 1: flat index == token index
+            concat = (cos.index_select(1, routing.concat_idx_M), sin.index_select(1, routing.concat_idx_M))
+        return LayerContext(routing, (cos, sin), concat, mask_document, mask_same, use_varlen)
 
     @staticmethod
     def _check_packed(cu_q, cu_k, batch: int, seq: int, past_len: int) -> torch.Tensor:

@@ -118,7 +118,8 @@ def test_gradient_checkpointing_matches_plain_backward():
     for checkpointing in (False, True):
         model = tiny_model("unix_amv1", "unix_packed").train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
+            enable()
             assert model.model.layers[0].gradient_checkpointing
         model(**batch, labels=batch["input_ids"], use_cache=False).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
@@ -141,3 +142,27 @@ def test_config_vocab_filled_at_build_time():
     cfg = tiny_config().with_vocab(CodeVocab(120, (32, 16), 10, 11))
     assert isinstance(cfg, UniXConfig)
     assert cfg.vocab_size == 168 and cfg.code_vocab.image_token_range == (120, 168)
+
+
+@pytest.mark.parametrize("name, base_params, separated", [("qwen2.5-1.5b_unix_9_5", 1_543_714_304, 14),
+                                                          ("qwen2.5-3b_unix_12_6", 3_085_938_688, 18)])
+def test_reference_configs_have_the_qwen25_shapes(name, base_params, separated):
+    """Built on the meta device: the dense variant at Qwen2.5's vocabulary has exactly Qwen2.5's parameter count."""
+    from pathlib import Path
+
+    cfg = UniXConfig.from_json_file(Path(__file__).resolve().parents[1] / "configs" / "model" / f"{name}.json")
+    assert cfg.layer_kinds.count("separated") == separated and cfg.tie_word_embeddings
+    assert cfg.code_vocab.image_token_range == (151665, 151665 + 8192)
+    dense = cfg.to_dict()
+    for key in ("model_type", "transformers_version", "layer_kinds", "vision_encode_layers", "vision_decode_layers"):
+        dense.pop(key, None)
+    dense.update(variant="dense", vocab_size=151936, image_level_sizes=[271])  # Qwen2.5 rows: 151665 + 271 spare
+    with torch.device("meta"):
+        model = UniXForCausalLM(UniXConfig(**dense))
+    assert sum(p.numel() for p in model.parameters()) == base_params
+
+
+def test_restarting_positions_without_boundaries_raise():
+    model = tiny_model("dense")
+    with pytest.raises(ValueError, match="no cu_seq_lens"):
+        model(torch.tensor([[20, 21, 22, 23]]), position_ids=torch.tensor([[0, 1, 0, 1]]), use_cache=False)

@@ -245,3 +245,12 @@ def test_config_validation_names_fields():
         tv.TrainVQConfig(num_train=8, batch_size=16)
     with pytest.raises(ValueError, match="warmup_steps < max_steps"):
         tv.TrainVQConfig(max_steps=10, warmup_steps=10)
+
+
+def test_lr_schedule_warmup_cosine_and_time_term():
+    cfg = tiny_train_config(max_steps=100, warmup_steps=10, lr=1e-2, min_lr_ratio=0.1)
+    assert tv.lr_at(cfg, 0, 0.0) == pytest.approx(1e-3)  # warmup: (step + 1) / warmup_steps
+    assert tv.lr_at(cfg, 10, 0.0) == pytest.approx(1e-2)
+    assert tv.lr_at(cfg, 50, 0.5) == pytest.approx(1e-2 * (0.1 + 0.9 * 0.5))
+    assert tv.lr_at(cfg, 99, 1.0) == pytest.approx(1e-3) == tv.lr_at(cfg, 99, 1.7)  # floor at min_lr_ratio
+    assert 1 <= tv.pick_num_threads() <= 2

@@ -176,6 +176,11 @@ class UniTrainingArguments(TrainingArguments):
     per_device_train_batch_size: int = field(default=1, metadata={"help": "Rows per device per micro-step."})
     # Rows are dicts of our own keys; the Trainer must not drop them by the model's forward signature.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the collator owns the keys."})
+    # The Uni-X model keeps both branches in the graph on every row (a zero-weighted term when a modality is absent,
+    # DESIGN.md section 9), so DDP needs no extra graph traversal; tests/test_distributed.py pins a text-only rank.
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "DDP: search for unused parameters every step (slower; not needed)."}
+    )
     warmup_ratio: float | None = field(
         default=None, metadata={"help": "Reference knob: warmup as a fraction of the steps (sets warmup_steps, which "
                                 "transformers 5 reads as a ratio when < 1)."}
