@@ -1,12 +1,14 @@
 """Modality routing shared by every variant: the one definition of a vision token, the routing indices built once
 per batch, gather -> branch -> scatter, and the explicit attention masks of the reference (eager/sdpa) path.
 
-Layout of a batch inside a layer: hidden states are flattened to ``x_MD`` with ``M = B * T`` (batch-major). A
-modality-separated computation gathers the text rows (``text_idx_N``) and the vision rows (``vision_idx_V``), runs
-each branch on its rows only (never both branches on every token and a mask), and scatters back with ONE index op:
-``cat([out_text_N, out_vision_V])[flat_to_concat_M]``. "Concat order" (all text tokens in row order, then all vision
-tokens in row order) is also the order in which a packed row splits into contiguous (modality, document) segments,
-which is what attention needs when a separated layer only sees its own modality (``all_modal_visible=0``).
+Layout of a batch inside a layer: hidden states are flattened to ``x_MD`` with ``M = B * T`` (batch-major).
+"Concat order" is a permutation of the flat rows: all text tokens in row order, then all vision tokens in row
+order. A modality-separated layer permutes its input into concat order ONCE, runs each branch on its contiguous
+slice (never both branches on every token and a mask), and permutes back once at the end; a layer that only routes
+its FFN (MoE) does the same around the FFN. Permutations use a gather in both directions (`_Permute`): the backward
+of ``index_select`` would be a scatter-add, much slower on CPU. Concat order is also the order in which a packed
+row splits into contiguous (modality, document) segments, which is what attention needs when a separated layer
+only sees its own modality (``all_modal_visible=0``).
 
 Document boundaries come only from ``cu_seq_lens`` (DESIGN.md section 4): never from position jumps, because a
 gathered modality has position jumps that are not document starts.

@@ -124,3 +124,15 @@ def test_grad_accumulation_equals_bigger_batch(world, tmp_path):
     assert la == pytest.approx(lb, abs=1e-5)
     for (n, pa), (_, pb) in zip(a.model.named_parameters(), b.model.named_parameters()):
         assert torch.allclose(pa, pb, atol=1e-5), n
+
+
+@pytest.mark.parametrize(
+    "spec, custom_cls, kinds",
+    [("mot", "uni_qwen", ["mot"] * 4), ("moe", "uni_qwen", ["moe"] * 4), ("x", "none", ["shared"] * 4),
+     ("x", "uni_qwen", ["separated", "shared", "shared", "separated"])],
+)
+def test_reference_variant_knobs_build_and_train(world, tmp_path, spec, custom_cls, kinds):
+    trainer = make_trainer(*train_args(world, tmp_path / spec, "--max_steps", "1", "--model_spec_module", spec,
+                                       "--custom_cls", custom_cls))
+    assert trainer.model.config.layer_kinds == kinds
+    assert math.isfinite(trainer.train().training_loss)

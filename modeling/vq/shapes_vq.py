@@ -54,7 +54,7 @@ class ShapesVQConfig:
     image_size: int = 64
     channels: tuple[int, ...] = (24, 64, 128)
     enc_res_blocks: int = 1  # residual blocks at the code grid, encoder side
-    dec_res_blocks: int = 2  # decoder side: the decoder needs more capacity than the encoder
+    dec_res_blocks: int = 2  # decoder side: capacity weighted toward reconstruction (not ablated)
     mid_res_blocks: int = 0  # decoder residual blocks at the intermediate resolutions (costly at 32x32)
     codebook_size: int = 1024
     code_dim: int = 16

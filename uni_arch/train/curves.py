@@ -57,8 +57,10 @@ def read_curves(path: str | Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
 
 
-def plot_loss_curves(csv_path: str | Path, out_path: str | Path | None = None) -> Path:
-    """Plot total, text and image loss against the step (seaborn); returns the png path."""
+def plot_loss_curves(csv_path: str | Path, out_path: str | Path | None = None,
+                     baselines: dict[str, float] | None = None) -> Path:
+    """Plot total, text and image loss against the step (seaborn); ``baselines`` ({label: loss}) become dashed
+    horizontal lines (e.g. the unigram entropies of ``uni_arch/train/unigram.py``). Returns the png path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -73,6 +75,10 @@ def plot_loss_curves(csv_path: str | Path, out_path: str | Path | None = None) -
     if long:
         sns.lineplot(data={k: [d[k] for d in long] for k in ("step", "loss", "curve")}, x="step", y="loss",
                      hue="curve", ax=ax)
+    for (label, value), colour in zip((baselines or {}).items(), ("tab:orange", "tab:green", "tab:gray")):
+        ax.axhline(value, linestyle="--", linewidth=1, color=colour, label=label)
+    if baselines:
+        ax.legend()
     ax.set_title(f"training loss ({Path(csv_path).parent.name})")
     fig.tight_layout()
     fig.savefig(out, dpi=120)

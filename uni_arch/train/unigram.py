@@ -8,7 +8,7 @@ first token of each document is not a target, as in the collator).
     python -m uni_arch.train.unigram --config configs/train/shapes.yaml [same arguments as hf_trainer.py]
 
 Writes ``output_dir/unigram_baseline.json`` and, when ``output_dir/loss_curves.csv`` exists, prints the run's final
-text and image losses next to the baselines.
+text and image losses next to the baselines and redraws ``loss_curves.png`` with the baselines as dashed lines.
 """
 
 from __future__ import annotations
@@ -77,7 +77,10 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = Path(training_args.output_dir)
     curves = out_dir / "loss_curves.csv"
     if curves.is_file():
+        from uni_arch.train.curves import plot_loss_curves
+
         result["final"] = final_losses(curves)
+        plot_loss_curves(curves, baselines={f"{m} unigram": result[f"{m}_unigram_entropy"] for m in ("text", "image")})
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "unigram_baseline.json").write_text(json.dumps(result, indent=2))
     lines = [f"{'':8s}{'unigram H':>12s}{'final loss':>12s}"]
