@@ -10,25 +10,29 @@ How it stays inside a few minutes on 2 cores:
   where the CPU has native bf16 (``precision="auto"``), which measured ~1.7x faster than fp32 on the 2-core AVX-512
   box. Encoding and evaluation always run in fp32.
 * Two budgets: ``max_steps`` and ``time_budget_s`` (a hard stop). The default ``lr_schedule="time"`` runs the cosine
-  on ``max(step / max_steps, elapsed / time_budget_s)``: on a machine fast enough to finish ``max_steps`` inside the
-  budget the step term always dominates and the run is exactly the deterministic step schedule; on a slow or shared
-  machine the decay still completes when the budget runs out, so the model is finished rather than cut mid-schedule
-  (measured: cut mid-schedule at step 71 of 1,100 by a 270 s budget, a step schedule left a 22.6 dB model).
-  ``lr_schedule="steps"`` ignores time in the schedule (bit-exact whatever the speed; the budget may then cut it).
+  on ``max(step progress, elapsed / time_budget_s)``: on a slow or shared machine the decay still completes when the
+  budget runs out, so the model is finished rather than cut mid-schedule (measured: a step schedule cut at step 71
+  of 1,100 by the 270 s budget left a 22.6 dB model). The price is that the run depends on the machine's speed
+  wherever the time term leads (also briefly after warmup on a fast machine). ``lr_schedule="steps"`` ignores time
+  (bit-exact for a given seed and thread count; the budget may then cut it).
 * Threads: ``num_threads=None`` takes 2 when the 1-minute load average leaves two cores idle and 1 otherwise. On the
   shared 2-core box two OpenMP threads under load spin-wait for each other: 3.9 s/step with 2 threads against
   1.15 s/step with 1 at load ~5. Bit-exact reproduction needs the same ``num_threads`` (it is in metrics.json).
 
-Measured (held-out: 1,000 images at indices from 10,000,000; shared 2-core box at load ~4-6, so wall times are
-pessimistic; 1 thread chosen by ``num_threads=None``; ~0.39-0.41 CPU-s per step of 32 images):
+Measured (held-out: 1,000 images at indices from 10,000,000; a shared 2-core box, so wall times are noisy and
+pessimistic; ``num_threads=None`` chose 1 thread each time because of the load):
 
-* the exact default command above: 255 steps in the 270 s budget (time-scaled cosine), PSNR 29.45 dB (5th
-  percentile 26.0), usage 100% (1,024/1,024 codes), wall 320 s including 27 s of rendering under load.
-* the full default schedule (800 steps, ``--time_budget_s 3000 --num_threads 1`` so the step term rules): PSNR 34.98
-  dB (5th percentile 30.9), usage 100%, 591 s of training at 0.74 s/step under load.
-* unloaded estimate: 800 x 0.40 CPU-s / ~1.8 (2-thread scaling; bf16 batch 64 took 0.37 s/step with 2 threads at
-  load ~1) = ~180 s of training + ~10 s rendering, inside the 5 minutes with the full schedule.
-* 1,100 steps with lr 2e-3 (1e-3): 37.9 (36.5) dB, usage 100% in both.
+* the exact default command above (codebook 512), load ~2.8: all 800 steps in 247 s (0.31 s/step, 104 img/s),
+  wall 261 s including 6 s of rendering; held-out PSNR 35.51 dB (5th percentile 31.4), usage 100% (512/512).
+* the same command with the earlier 1,024-code default, load ~5-6 (plus a second run of mine beside it): the budget
+  stopped it at step 255 of 800 with the time-scaled cosine finished: 29.45 dB (5th percentile 26.0), usage 100%,
+  wall 320 s (27 s rendering). The gray background carries that PSNR: shapes stay recognisable but small ones lose
+  their corners, so on a loaded machine raise ``--time_budget_s``.
+* full 800-step schedules, ``--time_budget_s 3000 --num_threads 1``: 512 codes 35.63 dB, 1,024 codes 34.98 dB, both
+  100% usage (hence 512: no loss in PSNR and half the image vocabulary for the LLM); 1,100 steps with 1,024 codes,
+  lr 2e-3 (1e-3): 37.9 (36.5) dB.
+* per step (32 images, bf16 autocast): 0.31-0.41 CPU-s on 1 thread; with 2 threads on an idle box expect ~0.2 s
+  (bf16 batch 64 took 0.37 s with 2 threads at load ~1), i.e. ~160 s for the 800 steps.
 
 Determinism and resumption: batch ``i`` is drawn from a generator seeded with ``(seed, i)`` and the full training
 state (model, EMA codebook, optimizer, RNG, elapsed time) is saved atomically every ``save_every`` steps, so a rerun

@@ -66,7 +66,8 @@ def _vision_params(model) -> dict[str, torch.nn.Parameter]:
 @pytest.mark.parametrize("amv", [0, 1])
 def test_vision_parameters_never_touch_text_tokens_in_encode_layers(amv):
     """Perturbing vision-only parameters: with all_modal_visible=0 text hidden states before the first shared layer
-    are unchanged; with 1 the text FFN/norm path is still untouched (only attention mixes modalities)."""
+    are unchanged; with 1 only the vision keys/values reach text tokens, so perturbing the vision queries, o_proj,
+    norm and FFN of a layer leaves that layer's text outputs unchanged."""
     g = torch.Generator().manual_seed(1)
     ids = torch.tensor([text_ids(4, g) + [10] + image_ids(5, g) + [11] + text_ids(3, g)])
     text_pos = (ids[0] < 96) & (ids[0] != 10)
@@ -74,9 +75,12 @@ def test_vision_parameters_never_touch_text_tokens_in_encode_layers(amv):
                        vision_decode_layers=1)
     before = model(ids, use_cache=False, output_hidden_states=True).hidden_states
     with torch.no_grad():
-        if amv:  # only the vision FFN of the last encode layer: text rows of that layer's output must not move
-            for p in model.model.layers[1].vision.mlp.parameters():
-                p.add_(torch.randn_like(p))
+        if amv:  # last encode layer, everything of the vision branch that does not feed vision keys/values
+            vision = model.model.layers[1].vision
+            for module in (vision.self_attn.q_proj, vision.self_attn.o_proj, vision.post_attention_layernorm,
+                           vision.mlp):
+                for p in module.parameters():
+                    p.add_(torch.randn_like(p))
         else:
             for p in _vision_params(model).values():
                 p.add_(torch.randn_like(p))

@@ -20,6 +20,10 @@ Design (and why):
 * **Straight-through estimator** for the encoder gradient, plus a commitment loss ``beta * |z - sg(q)|^2`` computed
   on the unit vectors.
 
+Default (1.2M parameters, 512 codes of dim 16): 35.5 dB held-out PSNR with all 512 codes used after the 800-step
+default training of ``data_process/train_vq.py`` (figures and commands there); 1,024 codes gave 35.0 dB at the same
+steps, so the smaller codebook costs nothing here and halves the image vocabulary the LLM must model.
+
 Checkpoints are a directory with ``config.json`` (:class:`ShapesVQConfig`) and ``model.safetensors``; loading is
 strict and fails with the path and the offending keys before any work. ``checkpoint_hash`` is the safetensors file's
 hash, so records name the exact weights (``shapes-vq@<hash>``).
@@ -56,7 +60,7 @@ class ShapesVQConfig:
     enc_res_blocks: int = 1  # residual blocks at the code grid, encoder side
     dec_res_blocks: int = 2  # decoder side: capacity weighted toward reconstruction (not ablated)
     mid_res_blocks: int = 0  # decoder residual blocks at the intermediate resolutions (costly at 32x32)
-    codebook_size: int = 1024
+    codebook_size: int = 512
     code_dim: int = 16
     commitment_beta: float = 0.25
     ema_decay: float = 0.95
