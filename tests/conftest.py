@@ -1,4 +1,9 @@
-"""Shared test set-up: offline, deterministic, few threads (CI has 2 cores)."""
+"""Shared test set-up: offline, deterministic, one torch thread.
+
+One thread because the models under test are tiny and the CI machine has 2 cores: two OpenMP threads on a busy
+2-core box spin-wait for each other and ran 10-20x slower (measured while developing). Benchmarks, not tests,
+measure multi-thread speed.
+"""
 
 import os
 
@@ -9,6 +14,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

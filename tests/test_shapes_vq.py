@@ -34,15 +34,6 @@ def tiny_train_config(**overrides) -> tv.TrainVQConfig:
     return tv.TrainVQConfig(**kw)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One thread: on a shared, loaded 2-core box two OpenMP threads spin-wait for each other and ran ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def shapes_images() -> torch.Tensor:
     """160 rendered 32x32 scenes of the real shapes world (uint8, N x 3 x 32 x 32)."""

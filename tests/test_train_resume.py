@@ -5,14 +5,12 @@ same losses to 1e-6 on CPU, for map-style and streamed data.
 """
 
 import pytest
-import torch
 
 from uni_arch.train.args import parse_args
 from uni_arch.train.hf_trainer import make_trainer
 from uni_arch.train.synthetic import make_world
 from uni_arch.train.trainer import UniTrainer
 
-torch.set_num_threads(1)  # tiny models: one thread is fastest, and the CI machine is shared
 N = 3
 
 

@@ -14,7 +14,6 @@ from uni_arch.train.hf_trainer import make_trainer
 from uni_arch.train.synthetic import make_world
 from uni_arch.train.trainer import modality_losses
 
-torch.set_num_threads(1)  # tiny models: one thread is fastest, and the CI machine is shared
 
 
 @pytest.fixture(scope="module")

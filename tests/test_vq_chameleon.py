@@ -31,15 +31,6 @@ def _yaml_doc(cfg: dict) -> dict:
         "lossconfig": {"target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator"}}}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny convs: one thread beats two on a shared 2-core machine (oversubscription costs 10-50x here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def small_model() -> ChameleonVQGAN:
     torch.manual_seed(0)

@@ -30,15 +30,6 @@ TINY = HQVAEConfig(resolution=16, base_channels=32, channel_multiplier=(1,), num
                    level_sizes=(16, 32))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny convs: one thread beats two on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny() -> HQVAE:
     torch.manual_seed(0)
