@@ -4,13 +4,19 @@ It writes what the real pipeline reads -- jsonl records, a text tokenizer direct
 tests exercise the real entry point (``hf_trainer.main``) end to end in seconds, without the shapes world, the VQ
 or a network. The records are learnable: a caption names a colour and a shape, and the image codes are a
 deterministic function of them plus a little noise, so both the text and the image losses fall.
+
+Two corpora: ``captions`` (the default: short captions, sentences and VQA turns on a small grid, for pipeline tests)
+and ``mixed`` (``mixed_records``: text documents of log-normal length next to 32x32-code image documents, the length
+distribution that decides what packing buys; ``tools/bench_train.py`` measures throughput on it).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
+from typing import Literal
 
 from data_process.schema import AtomicShardWriter, ImageCodes, Record
 
@@ -53,6 +59,42 @@ def synthetic_records(n: int, seed: int = 0, grid: tuple[int, int] = (4, 4), cod
     return out
 
 
+def _document(rng: random.Random, n_words: int) -> str:
+    """About ``n_words`` words of synthetic sentences (the tokenizer's vocabulary: roughly one token per word)."""
+    words: list[str] = []
+    while len(words) < n_words:
+        words += rng.choice(SENTENCES).format(c=rng.choice(COLOURS), s=rng.choice(SHAPES), c2=rng.choice(COLOURS),
+                                              s2=rng.choice(SHAPES)).split()
+    return " ".join(words[:n_words])
+
+
+def mixed_records(n: int, seed: int = 0, grid: tuple[int, int] = (32, 32), codebook: int = 512,
+                  image_fraction: float = 0.5, text_median: float = 100.0, text_sigma: float = 1.0,
+                  max_text_words: int = 1500, prefix: str = "mix") -> list[Record]:
+    """``n`` records of a realistic mixed length distribution: ``text`` documents whose word count is log-normal
+    (median ``text_median``, shape ``text_sigma``, capped at ``max_text_words``: median ~100, tail to ~1500 with the
+    defaults) and ``image_text`` documents of ``grid`` codes (1024 with the default 32x32) plus a short caption.
+
+    Why: with samples of near-equal length (the captions corpus, the shapes world) padding wastes little and packing
+    buys little; a real pretraining mix of short text and ~1k-token images is where padded batches waste most.
+    """
+    if not 0.0 <= image_fraction <= 1.0:
+        raise ValueError(f"image_fraction={image_fraction} must be in [0, 1]")
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        rid = f"{prefix}-{i:06d}"
+        if rng.random() >= image_fraction:
+            words = min(max_text_words, max(1, round(rng.lognormvariate(math.log(text_median), text_sigma))))
+            out.append(Record(id=rid, type="text", text=_document(rng, words)))
+            continue
+        caption, c, s = _caption(rng)
+        caption = f"{caption}. {_document(rng, rng.randint(4, 24))}"
+        image = ImageCodes(codes=_codes(c, s, grid, codebook, rng), grid=grid, tokenizer="synthetic@0")
+        out.append(Record(id=rid, type="image_text", text=caption, images=[image]))
+    return out
+
+
 def write_records(records: list[Record], path: str | Path) -> Path:
     with AtomicShardWriter(path) as w:
         for r in records:
@@ -60,14 +102,20 @@ def write_records(records: list[Record], path: str | Path) -> Path:
     return Path(path)
 
 
-def write_tokenizer(out_dir: str | Path, vocab_size: int = 400):
-    """A small BPE over the synthetic sentences, with the vision and chat special tokens (shapes tokenizer recipe)."""
+def write_tokenizer(out_dir: str | Path, vocab_size: int | None = None, max_grid: int = 8):
+    """A small BPE over the synthetic sentences, with the vision and chat special tokens (shapes tokenizer recipe).
+
+    ``vocab_size`` defaults to 400 plus room for the size tags beyond 8x8, so that a larger ``max_grid`` does not eat
+    the merges (the words would then split into more tokens).
+    """
+    if vocab_size is None:
+        vocab_size = 400 + 2 * max(0, max_grid - 8)
     from data_process.text_tokenizer import train_shapes_tokenizer
 
     texts = [f"a {c} {s}" for c in COLOURS for s in SHAPES] * 4
     texts += [t.format(c=c, s=s, c2=c, s2=s) for t in SENTENCES for c in COLOURS for s in SHAPES]
     texts += ["What colour is the shape?", "Describe this image.", "Generate an image based on this description."]
-    return train_shapes_tokenizer(texts, out_dir, vocab_size=vocab_size, max_grid=8, min_frequency=1)
+    return train_shapes_tokenizer(texts, out_dir, vocab_size=vocab_size, max_grid=max_grid, min_frequency=1)
 
 
 def write_model_config(path: str | Path, *, hidden_size: int = 32, layers: int = 4, heads: int = 4,
@@ -87,15 +135,23 @@ def write_model_config(path: str | Path, *, hidden_size: int = 32, layers: int =
 
 
 def make_world(root: str | Path, n_records: int = 200, seed: int = 0, shards: int = 2, grid: tuple[int, int] = (4, 4),
-               codebook: int = 64, **model_kwargs) -> dict[str, str]:
-    """Records (``shards`` files), tokenizer and model config under ``root``; returns the paths as train args."""
+               codebook: int = 64, corpus: Literal["captions", "mixed"] = "captions", **model_kwargs) -> dict[str, str]:
+    """Records (``shards`` files), tokenizer and model config under ``root``; returns the paths as train args.
+
+    ``corpus="mixed"`` writes ``mixed_records`` (pass e.g. ``grid=(32, 32), codebook=512``) instead of the captions.
+    """
     root = Path(root)
-    records = synthetic_records(n_records, seed, grid=grid, codebook=codebook)
+    if corpus == "captions":
+        records = synthetic_records(n_records, seed, grid=grid, codebook=codebook)
+    elif corpus == "mixed":
+        records = mixed_records(n_records, seed, grid=grid, codebook=codebook)
+    else:
+        raise ValueError(f"corpus={corpus!r}: expected 'captions' or 'mixed'")
     per = (len(records) + shards - 1) // shards
     for k in range(shards):
         write_records(records[k * per : (k + 1) * per], root / "records" / f"part-{k:03d}.jsonl")
     if not (root / "tokenizer" / "tokenizer.json").is_file():
-        write_tokenizer(root / "tokenizer")
+        write_tokenizer(root / "tokenizer", max_grid=max(8, *grid))  # size tags up to the grid, if asked for
     write_model_config(root / "model.json", **model_kwargs)
     return {"data_path": str(root / "records"), "tokenizer_path": str(root / "tokenizer"),
             "model_config": str(root / "model.json"), "image_level_sizes": str(codebook)}
