@@ -9,7 +9,7 @@ Which ``attn_implementation`` to select (the trainer reads this):
       by ``cu_seq_lens`` (and over (document, modality) segments in Uni-X layers with ``all_modal_visible=0``) with
       a causal sdpa and no mask: exact and about 2x faster than a masked sdpa over the packed row on CPU.
     * Packed rows on GPU: ``"unix_packed"`` too: it uses ``flash_attn_varlen_func`` when ``flash-attn`` is installed
-      (``"unix_flash"`` insists on it and raises if missing), else the same per-document loop.
+      (``"unix_fa_varlen"`` insists on it and raises if missing), else the same per-document loop.
     * Padded batches, generation, evaluation: any of them; without ``cu_seq_lens`` ``unix_packed`` is sdpa with the
       explicit mask. ``"eager"`` / ``"sdpa"`` are exact on packed rows as well (block-diagonal masks, slow: tests use
       them as the reference).

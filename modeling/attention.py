@@ -11,7 +11,7 @@ same ``cu_seq_lens`` instead.
 Registered names (``model.set_attn_implementation(name)`` or ``from_pretrained(..., attn_implementation=name)``):
     ``unix_packed``  varlen path on packed rows (flash-attn varlen on CUDA when installed, else the per-segment sdpa
                      loop); without ``cu_seq_lens`` (padded batches, decoding) it is sdpa with the explicit mask.
-    ``unix_flash``   the same but REQUIRES flash-attn: a clear ImportError naming the package and the fallback.
+    ``unix_fa_varlen``   the same but REQUIRES flash-attn: a clear ImportError naming the package and the fallback.
 The stock ``eager`` and ``sdpa`` implementations stay exact on packed rows through explicit block-diagonal masks built
 by the model (`modeling.modality.build_attention_masks`); tests use them as the reference.
 """
@@ -27,7 +27,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 PACKED_ATTENTION = "unix_packed"
-FLASH_ATTENTION = "unix_flash"
+# No "flash" in the name: transformers treats any implementation name containing "flash" as a hub kernel request
+# (utils.generic.is_flash_attention_requested) and fails before our function is ever called.
+FLASH_ATTENTION = "unix_fa_varlen"
 # implementations that consume cu_seq_lens directly (no mask is built for them on packed rows)
 VARLEN_IMPLEMENTATIONS = frozenset({PACKED_ATTENTION, FLASH_ATTENTION, "flash_attention_2", "flash_attention_3"})
 
@@ -82,8 +84,8 @@ def packed_attention_forward(
     ``query [B, H, T, D]``, ``key/value [B, KV, S, D]``, returns ``([B, T, H, D], None)``."""
     if require_flash and not flash_attn_installed():
         raise ImportError(
-            f"attn_implementation={FLASH_ATTENTION!r} needs the `flash-attn` package (CUDA only: pip install "
-            f"flash-attn). Use attn_implementation={PACKED_ATTENTION!r} instead: it falls back to a per-document "
+            f"attn_implementation={FLASH_ATTENTION!r} needs the `flash-attn` package (CUDA only: "
+            f"pip install -r requirements-gpu.txt). Use attn_implementation={PACKED_ATTENTION!r} instead: it falls back to a per-document "
             "sdpa loop when flash-attn is missing."
         )
     if cu_seq_lens_q is None:
@@ -103,7 +105,7 @@ def packed_attention_forward(
 
 
 def flash_required_attention_forward(*args, **kwargs):
-    """`unix_flash`: like `packed_attention_forward` but refuses to run without flash-attn."""
+    """`unix_fa_varlen`: like `packed_attention_forward` but refuses to run without flash-attn."""
     return packed_attention_forward(*args, require_flash=True, **kwargs)
 
 

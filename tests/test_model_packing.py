@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -92,5 +94,12 @@ def test_flash_varlen_equals_sdpa_on_gpu():
     model = tiny_model("unix_amv0", "sdpa").cuda().to(torch.bfloat16)
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in pack(docs).items()}
     ref = model(**batch, use_cache=False).logits
-    model.set_attn_implementation("unix_flash")
+    model.set_attn_implementation("unix_fa_varlen")
     torch.testing.assert_close(model(**batch, use_cache=False).logits, ref, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
+def test_unix_fa_varlen_without_flash_attn_names_the_package_and_the_fallback():
+    model = tiny_model("unix_amv0", "unix_fa_varlen")
+    with pytest.raises(ImportError, match=r"flash-attn.*requirements-gpu\.txt.*unix_packed"):
+        model(**pack(documents()), use_cache=False)
