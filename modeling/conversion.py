@@ -101,6 +101,15 @@ def convert_qwen(source: Qwen2ForCausalLM, config: UniXConfig) -> UniXForCausalL
 def _copy_vision_branches(model: UniXForCausalLM, config: UniXConfig) -> set[str]:
     """Vision branch of layer i <- text branch of layer i (same depth); returns the names of copied parameters."""
     copied = set()
+    for full_name, text_param, param in _vision_text_pairs(model):
+        if text_param.shape == param.shape:
+            param.copy_(text_param)
+            copied.add(full_name)
+    return copied
+
+
+def _vision_text_pairs(model: UniXForCausalLM):
+    """Yield ``(vision parameter name, text counterpart, vision parameter)`` for every vision branch/expert."""
     for i, layer in enumerate(model.model.layers):
         for vision_name in ("vision", "vision_mlp"):
             branch = getattr(layer, vision_name, None)
@@ -109,10 +118,7 @@ def _copy_vision_branches(model: UniXForCausalLM, config: UniXConfig) -> set[str
             text_params = dict(layer.named_parameters())
             for name, param in branch.named_parameters():
                 text_name = name if vision_name == "vision" else f"mlp.{name}"
-                if text_params[text_name].shape == param.shape:
-                    param.copy_(text_params[text_name])
-                    copied.add(f"model.layers.{i}.{vision_name}.{name}")
-    return copied
+                yield f"model.layers.{i}.{vision_name}.{name}", text_params[text_name], param
 
 
 @torch.no_grad()
@@ -124,17 +130,8 @@ def to_dense_qwen(model: UniXForCausalLM) -> Qwen2ForCausalLM:
     config = model.config
     if config.variant == "unix" and (config.vision_encode_layers or config.vision_decode_layers):
         raise ValueError(UNIX_TO_DENSE_UNDEFINED)
-    differing = []
-    for i, layer in enumerate(model.model.layers):
-        for vision_name in ("vision", "vision_mlp"):
-            branch = getattr(layer, vision_name, None)
-            if branch is None:
-                continue
-            text_params = dict(layer.named_parameters())
-            for name, param in branch.named_parameters():
-                text_name = name if vision_name == "vision" else f"mlp.{name}"
-                if text_params[text_name].shape != param.shape or not torch.equal(text_params[text_name], param):
-                    differing.append(f"model.layers.{i}.{vision_name}.{name}")
+    differing = [full_name for full_name, text_param, param in _vision_text_pairs(model)
+                 if text_param.shape != param.shape or not torch.equal(text_param, param)]
     if differing:
         raise ValueError(f"{config.variant} -> dense is only exact when every vision expert equals its text "
                          f"counterpart; {len(differing)} differ, e.g. {differing[:3]}")

@@ -5,9 +5,10 @@ Two worlds, each measured in the same run:
 * ``shapes`` -- the encoded shapes world (``data/shapes_codes``; skipped with a note when it is not encoded). Its
   samples are all ~280-335 tokens, so padding wastes only ~20% and packing buys little: an honest number for
   that data.
-* ``mixed`` -- the synthetic ``mixed`` corpus (``uni_arch.train.synthetic.mixed_records``): half text documents of
-  log-normal length (median ~100 tokens, tail to ~1500), half image documents of 32x32 = 1024 codes plus a caption,
-  the mixed length distribution of real pretraining data, where padded batches waste most.
+* ``mixed`` -- the synthetic ``mixed`` corpus (``uni_arch.train.synthetic.mixed_records``): 70% text documents of
+  log-normal length (median ~100 tokens, tail to ~1500), 30% image documents of 32x32 = 1024 codes plus a caption
+  (the proportions of ``tools/bench_model.py``), the mixed length distribution of real pretraining data, where
+  padded batches waste most.
 
 Per world, two tables:
 

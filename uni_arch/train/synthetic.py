@@ -69,12 +69,13 @@ def _document(rng: random.Random, n_words: int) -> str:
 
 
 def mixed_records(n: int, seed: int = 0, grid: tuple[int, int] = (32, 32), codebook: int = 512,
-                  image_fraction: float = 0.5, text_median: float = 80.0, text_sigma: float = 1.0,
+                  image_fraction: float = 0.3, text_median: float = 80.0, text_sigma: float = 1.0,
                   max_text_words: int = 1200, prefix: str = "mix") -> list[Record]:
     """``n`` records of a realistic mixed length distribution: ``text`` documents whose word count is log-normal
     (median ``text_median``, shape ``text_sigma``, capped at ``max_text_words``; the synthetic tokenizer makes ~1.25
     tokens of a word, so the defaults give a median of ~100 tokens and a tail to ~1500) and ``image_text`` documents
-    of ``grid`` codes (1024 with the default 32x32) plus a short caption.
+    of ``grid`` codes (1024 with the default 32x32) plus a short caption, ``image_fraction`` of the documents (30%
+    by default, as in ``tools/bench_model.py``: images are then ~70% of the tokens).
 
     Why: with samples of near-equal length (the captions corpus, the shapes world) padding wastes little and packing
     buys little; a real pretraining mix of short text and ~1k-token images is where padded batches waste most.
