@@ -75,6 +75,8 @@ class UniTrainer(Trainer):
         for key in META_KEYS:
             inputs.pop(key, None)
         labels = inputs.pop("labels")
+        if model.training and self._metric_clock is None:
+            self._metric_clock = time.perf_counter()  # first step: start before the forward, so it is timed too
         # use_cache=False: with a cache transformers does not build the packed mask (DESIGN.md section 9).
         outputs = model(**inputs, use_cache=False)
         parts = modality_losses(outputs.logits, labels, self.code_vocab)
@@ -103,8 +105,6 @@ class UniTrainer(Trainer):
             )
 
     def _buffer(self, parts: dict[str, torch.Tensor], labels: torch.Tensor, real, capacity) -> None:
-        if self._metric_clock is None:
-            self._metric_clock = time.perf_counter()
         n_real = real if real is not None else torch.tensor(labels.numel())
         n_capacity = capacity if capacity is not None else torch.tensor(labels.numel())
         values = [parts[k] for k in _METRICS[:4]] + [n_real, n_capacity]
@@ -126,8 +126,11 @@ class UniTrainer(Trainer):
         """
         sums = self.accelerator.reduce(self._metric_sums.clone(), reduction="sum").cpu()
         m = dict(zip(_METRICS, sums.tolist()))
-        elapsed = max(time.perf_counter() - (self._metric_clock or time.perf_counter()), 1e-9)
-        self._metric_sums, self._metric_clock = None, None
+        now = time.perf_counter()
+        elapsed = max(now - (self._metric_clock or now), 1e-9)
+        # The next interval starts now: throughput covers everything between two logs (forward, backward,
+        # optimizer step, data loading), not just the part after the forward.
+        self._metric_sums, self._metric_clock = None, now
         out = {"text_tokens": m["text_tokens"], "image_tokens": m["image_tokens"], "real_tokens": m["real_tokens"],
                "tokens_per_second": m["real_tokens"] / elapsed,
                "token_utilisation": m["real_tokens"] / max(m["capacity_tokens"], 1.0)}
