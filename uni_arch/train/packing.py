@@ -19,14 +19,14 @@ own document) or dropped when ``overlong="drop"``; a sample whose single image b
 be dropped. The result counts both, so the caller logs one warning with the numbers. Nothing is ever truncated
 silently, and never mid-image.
 
-Measured token utilisation (``python tools/bench.py train``; real tokens / capacity, mode 0 = batches of 8):
+Measured token utilisation (``python tools/bench.py train``; real tokens / capacity; mode 0 pads batches of 8):
 
-====================================  ======  ======  ======
-data (rows of 4096 tokens)            mode 0  mode 1  mode 2
-====================================  ======  ======  ======
-shapes world (10,000 samples, ~300)   0.743   0.9999  0.9865
-mixed log-normal text + image docs    0.553   0.9991  0.9991
-====================================  ======  ======  ======
+==============================================  ======  ======  ======
+data (rows of 4096 tokens)                      mode 0  mode 1  mode 2
+==============================================  ======  ======  ======
+shapes world (10,000 samples, mean 241 tokens)  0.730   0.9999  0.9865
+mixed: log-normal text + 1,024-code images      0.374   0.9981  0.9981
+==============================================  ======  ======  ======
 
 With rows of 2048 the shapes world reaches only ~0.97 in mode 2: its samples are ~280-335 tokens with little short
 text to fill the gaps, hence the 4096-token default rows of ``train.sh`` (attention is per document, so a longer row
