@@ -13,7 +13,7 @@ An image tokenizer is an ``nn.Module`` that turns a batch of preprocessed images
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -63,3 +63,12 @@ def file_hash(path: str | Path, length: int = 12) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:length]
+
+
+def config_from_dict(cls: type, d: dict, source: str = "<dict>"):
+    """Build a config dataclass from a saved dict; unknown keys are an error naming the file and the known fields."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
+    return cls(**d)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Sequence
@@ -41,7 +41,7 @@ from transformers.models.janus.modeling_janus import (
     JanusVQVAEResnetBlock,
 )
 
-from modeling.vq.base import EncodedImages, ImageTokenizer, file_hash
+from modeling.vq.base import EncodedImages, ImageTokenizer, config_from_dict, file_hash
 from modeling.vq.preprocess import Preprocessor
 
 CONFIG_NAME = "config.json"
@@ -139,11 +139,7 @@ class HQVAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "<dict>") -> "HQVAEConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown HQVAEConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d, source)
 
 
 def _res_stack(cfg: HQVAEConfig, c_in: int, c_out: int, n: int) -> list[nn.Module]:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modeling.vq.base import EncodedImages, ImageTokenizer, file_hash
+from modeling.vq.base import EncodedImages, ImageTokenizer, config_from_dict, file_hash
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -96,11 +96,7 @@ class ShapesVQConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "<dict>") -> "ShapesVQConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown ShapesVQConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d, source)
 
 
 class ResBlock(nn.Module):

@@ -19,7 +19,8 @@ own document) or dropped when ``overlong="drop"``; a sample whose single image b
 be dropped. The result counts both, so the caller logs one warning with the numbers. Nothing is ever truncated
 silently, and never mid-image.
 
-Measured token utilisation (``python tools/bench.py train``; real tokens / capacity; mode 0 pads batches of 8):
+Measured token utilisation (``python tools/bench.py train``; real tokens / capacity; mode 0 pads batches of
+17 (shapes) and 10 (mixed) samples, which hold about as many real tokens as one 4096-token packed row):
 
 ==============================================  ======  ======  ======
 data (rows of 4096 tokens)                      mode 0  mode 1  mode 2
