@@ -50,7 +50,11 @@ def _vocab_from_args(
         return CodeVocab.from_tokenizer(tokenizer, level_sizes), tokenizer
     if image_offset is None:
         raise ValueError("give --tokenizer_dir (image_offset = len(tokenizer)) or --image_offset explicitly")
-    return CodeVocab(image_offset, tuple(level_sizes), vision_start_token_id, vision_end_token_id), None
+    try:
+        return CodeVocab(image_offset, tuple(level_sizes), vision_start_token_id, vision_end_token_id), None
+    except ValueError as e:  # e.g. Qwen2.5's default vision ids with a smaller tokenizer
+        raise ValueError(f"{e}; pass --vision_start_token_id/--vision_end_token_id (defaults are Qwen2.5's "
+                         f"{QWEN25_VISION_START}/{QWEN25_VISION_END}) or --tokenizer_dir") from e
 
 
 def _expand_rows(old_VD: torch.Tensor, new_VD: torch.Tensor, vocab: CodeVocab) -> None:
@@ -175,7 +179,6 @@ def convert(
         from_config: build a random-init model from this UniXConfig JSON instead of converting (tiny presets).
         to_dense: export a dense Qwen2 from a dense/MoT/MoE checkpoint (exact cases only).
     """
-    Path(dst).mkdir(parents=True, exist_ok=True)
     if from_config is not None:
         model = build_model(UniXConfig.from_json_file(from_config))
     elif src is None:
@@ -194,6 +197,7 @@ def convert(
         model = convert_qwen(source, config)
         if tokenizer is not None:  # with the vision tokens if they had to be added
             tokenizer.save_pretrained(dst)
+    Path(dst).mkdir(parents=True, exist_ok=True)  # only now: a failed conversion leaves nothing behind
     model.save_pretrained(dst)
     logger.info("wrote {} ({} parameters) to {}", type(model).__name__, sum(p.numel() for p in model.parameters()),
                 os.path.abspath(dst))

@@ -88,3 +88,10 @@ def test_model_from_config_alone(tmp_path):
     convert(dst=str(tmp_path / "tiny"), from_config=str(cfg))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny")
     assert model.config.layer_kinds == ["separated", "shared", "shared", "separated"]
+
+
+def test_vision_ids_outside_a_small_vocabulary_fail_before_writing(tmp_path):
+    src = _source(tmp_path, True)
+    with pytest.raises(ValueError, match="vision_start_token_id.*--tokenizer_dir"):
+        convert(dst=str(tmp_path / "out"), src=src, num_image_tokens=NUM_CODES, image_offset=TEXT_VOCAB)
+    assert not (tmp_path / "out").exists()
