@@ -32,11 +32,14 @@ class LossCurveCallback(TrainerCallback):
     def __init__(self, output_dir: str | Path, plot: bool = True):
         self.path = Path(output_dir) / CSV_NAME
         self.plot = plot
+        self._written_up_to: int | None = None  # last step in the csv; read once, then tracked (it only grows)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
             return
-        if state.global_step <= _last_step(self.path):
+        if self._written_up_to is None:
+            self._written_up_to = _last_step(self.path)
+        if state.global_step <= self._written_up_to:
             return  # already written by the run we resumed from
         new = not self.path.is_file()
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,6 +48,7 @@ class LossCurveCallback(TrainerCallback):
             if new:
                 writer.writeheader()
             writer.writerow({"step": state.global_step, **logs})
+        self._written_up_to = state.global_step
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.plot and state.is_world_process_zero and self.path.is_file():

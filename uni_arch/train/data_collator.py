@@ -48,6 +48,14 @@ def _doc_lens(row: dict[str, Any]) -> list[int]:
     return lens
 
 
+def packed_row_labels(row: dict[str, Any]) -> torch.Tensor:
+    """A packed row's labels as trained: no target at any document start (no prediction across a boundary)."""
+    labels = torch.as_tensor(row["labels"], dtype=torch.long).clone()
+    lens = _doc_lens(row)
+    labels[torch.cumsum(torch.as_tensor([0] + lens[:-1]), 0)] = IGNORE_INDEX
+    return labels
+
+
 @dataclass
 class UniDataCollator:
     """Collate rows for ``use_data_packing`` 0 (padded batch) or 1/2 (one flattened packed row).
@@ -76,11 +84,8 @@ class UniDataCollator:
         ids, labels, positions, lens = [], [], [], []
         for row in rows:
             row_lens = _doc_lens(row)
-            row_labels = torch.as_tensor(row["labels"], dtype=torch.long).clone()
-            starts = torch.cumsum(torch.as_tensor([0] + row_lens[:-1]), 0)
-            row_labels[starts] = IGNORE_INDEX  # no target across a document boundary (see module docstring)
             ids.append(torch.as_tensor(row["input_ids"], dtype=torch.long))
-            labels.append(row_labels)
+            labels.append(packed_row_labels(row))
             positions.extend(torch.arange(n, dtype=torch.long) for n in row_lens)
             lens.extend(row_lens)
         cu_seq_lens = torch.zeros(len(lens) + 1, dtype=torch.int32)

@@ -19,7 +19,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
 from loguru import logger
 
 from modeling.vocab import CodeVocab
@@ -33,14 +32,14 @@ def unigram_entropy(counts: Counter) -> float:
 
 def count_targets(rows: Iterable[dict], vocab: CodeVocab) -> dict[str, Counter]:
     """Target-token counts per modality (image = image codes and ``<|vision_end|>``, as in the trainer)."""
+    from uni_arch.train.data_collator import IGNORE_INDEX, packed_row_labels
+    from uni_arch.train.trainer import target_is_image
+
     counts = {"text": Counter(), "image": Counter()}
-    start, end = vocab.image_token_range
     for row in rows:
-        labels = np.asarray(row["labels"]).copy()
-        starts = np.cumsum([0] + list(row["doc_lens"])[:-1])
-        labels[starts] = -100
-        labels = labels[labels != -100]
-        image = ((labels >= start) & (labels < end)) | (labels == vocab.vision_end_id)
+        labels = packed_row_labels(row)
+        labels = labels[labels != IGNORE_INDEX]
+        image = target_is_image(labels, vocab)
         counts["image"].update(labels[image].tolist())
         counts["text"].update(labels[~image].tolist())
     return counts
