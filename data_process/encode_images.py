@@ -28,7 +28,6 @@ under ``min_size`` or beyond ``max_aspect``, ...) are skipped, counted by reason
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import io
 import json
@@ -45,10 +44,11 @@ from loguru import logger
 from PIL import Image
 from tqdm import tqdm
 
-from data_process.converters import BadItem, ImageSource, Item, WorkItem, iter_items
+from data_process.converters import BAD_RECORD, BadItem, ImageSource, Item, WorkItem, iter_items
 from data_process.data_config import DataConfig, DatasetSpec, load_data_config
 from data_process.schema import AtomicShardWriter, ImageCodes, Record, RecordError, atomic_write_text, record_from_dict
 from modeling.vq import IMAGE_TOKENIZERS, ImageTokenizer, load_image_tokenizer
+from modeling.vq.base import file_hash
 
 if TYPE_CHECKING:
     from modeling.vq.preprocess import AnchorSet
@@ -58,7 +58,6 @@ MISSING_FILE = "missing_file"
 UNREADABLE_IMAGE = "unreadable_image"
 TOO_SMALL = "too_small"
 BAD_ASPECT = "bad_aspect"
-BAD_RECORD = "bad_record"
 RESOLUTION_MODES = ("fixed", "fixed_anchors")
 _SHARD_RE = re.compile(r"^part-(\d+)-(\d+)\.jsonl$")
 STATE_NAME, MANIFEST_NAME, ERRORS_NAME = "encode_state.json", "manifest.json", "errors.jsonl"
@@ -355,14 +354,10 @@ def run_worker(rank: int, world: int, opts: EncodeOptions, tok: ImageTokenizer |
 
 
 # ------------------------------------------------------------------------------------------ run state
-def _file_sha(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
 def check_run_state(opts: EncodeOptions, config: DataConfig, header: dict[str, Any]) -> None:
     """Pin the settings that make shards comparable; resuming with different ones is an error naming them."""
     state = {"tokenizer": header["tokenizer"]["id"], "preprocessing": header["preprocessing"],
-             "shard_size": opts.shard_size, "data_config_sha": _file_sha(config.path),
+             "shard_size": opts.shard_size, "data_config_sha": file_hash(config.path, 16),
              "datasets": [d.name for d in config.datasets]}
     path = Path(opts.out_dir) / STATE_NAME
     if path.exists():
