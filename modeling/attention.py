@@ -18,6 +18,7 @@ by the model (`modeling.modality.build_attention_masks`); tests use them as the 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -34,8 +35,15 @@ FLASH_ATTENTION = "unix_fa_varlen"
 VARLEN_IMPLEMENTATIONS = frozenset({PACKED_ATTENTION, FLASH_ATTENTION, "flash_attention_2", "flash_attention_3"})
 
 
+@functools.cache
 def flash_attn_installed() -> bool:
+    """Looked up once per process: it is asked in every layer of every forward on CUDA."""
     return importlib.util.find_spec("flash_attn") is not None
+
+
+@functools.cache
+def _warn_no_flash_once() -> None:
+    logger.warning("unix_packed on CUDA without flash-attn: using the per-document sdpa loop (slower)")
 
 
 def _flash_varlen(query_BHTD, key_BKTD, value_BKTD, scaling, dropout, cu_seq_lens, max_len) -> torch.Tensor:
@@ -99,7 +107,7 @@ def packed_attention_forward(
         max_len = max_length_q if max_length_q is not None else int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
         return _flash_varlen(query, key, value, scaling, dropout, cu_seq_lens_q.int(), max_len), None
     if query.is_cuda:
-        logger.warning("unix_packed on CUDA without flash-attn: using the per-document sdpa loop (slower)")
+        _warn_no_flash_once()
     bounds = seq_bounds if seq_bounds is not None else tuple(int(b) for b in cu_seq_lens_q.tolist())
     return _sdpa_segment_loop(query, key, value, scaling, dropout, bounds), None
 
