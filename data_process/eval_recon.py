@@ -267,7 +267,6 @@ def run(
                            "device": device, "metric_range": "uint8 values, data_range 255",
                            "ssim": "gaussian 11x11 sigma 1.5, per channel"}
     out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_path, json.dumps(_jsonable(results), indent=2) + "\n")
     logger.info(f"wrote {out_path}")
     return results
