@@ -41,8 +41,9 @@ def whiten_transparency(image: Image.Image) -> Image.Image:
     return Image.fromarray(rgb.astype(np.uint8), "RGB")
 
 
-def resize_cover_crop(image: Image.Image, height: int, width: int) -> Image.Image:
-    """Resize (LANCZOS, aspect kept) so the image covers ``height x width``, then take the centre crop.
+def resize_cover_crop(image: Image.Image, height: int, width: int, resample: int = Image.LANCZOS) -> Image.Image:
+    """Resize (``resample``, LANCZOS by default; aspect kept) so the image covers ``height x width``, then take the
+    centre crop.
 
     For a square target this is exactly Chameleon's "shorter side to target, centre crop" (same rounding).
     """
@@ -51,7 +52,7 @@ def resize_cover_crop(image: Image.Image, height: int, width: int) -> Image.Imag
     scale = max(width / image.width, height / image.height)
     new_w, new_h = max(width, round(scale * image.width)), max(height, round(scale * image.height))
     if (new_w, new_h) != image.size:
-        image = image.resize((new_w, new_h), Image.LANCZOS)
+        image = image.resize((new_w, new_h), resample)
     x0, y0 = (image.width - width) // 2, (image.height - height) // 2
     return image.crop((x0, y0, x0 + width, y0 + height))
 

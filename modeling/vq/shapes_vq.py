@@ -278,19 +278,16 @@ class ShapesVQ(ImageTokenizer):
         """PIL images -> ``pixels_BCHW`` in [-1, 1]: resize the shorter side to ``image_size``, then centre-crop."""
         if grid is not None and tuple(grid) != self.grid:
             raise ValueError(f"{self.name} has a fixed grid {self.grid}; got {grid=}")
+        from PIL import Image  # here, not at module top: importing the model needs no PIL
+
+        from modeling.vq.preprocess import resize_cover_crop
+
         size = self.config.image_size
         arrays = []
         for i, image in enumerate(images):
             if not hasattr(image, "convert"):
                 raise TypeError(f"images[{i}] must be a PIL image, got {type(image).__name__}")
-            image = image.convert("RGB")
-            w, h = image.size
-            scale = size / min(w, h)
-            new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-            if (new_w, new_h) != (w, h):
-                image = image.resize((new_w, new_h), resample=3)  # 3 = Image.BICUBIC, without importing PIL here
-            left, top = (new_w - size) // 2, (new_h - size) // 2
-            image = image.crop((left, top, left + size, top + size))
+            image = resize_cover_crop(image.convert("RGB"), size, size, resample=Image.BICUBIC)
             arrays.append(torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3))
         if not arrays:
             raise ValueError("preprocess got no images")
