@@ -72,3 +72,62 @@ def config_from_dict(cls: type, d: dict, source: str = "<dict>"):
     if unknown:
         raise ValueError(f"{source}: unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
     return cls(**d)
+
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+
+
+def save_safetensors_dir(model: ImageTokenizer, out_dir: str | Path, config_dict: dict,
+                         metadata: dict[str, str] | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (each to a temp name, then renamed); set ``checkpoint_hash``."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights, config = out / WEIGHTS_NAME, out / CONFIG_NAME
+    tmp_w = weights.with_name(f"{WEIGHTS_NAME}.tmp-{os.getpid()}")
+    tmp_c = config.with_name(f"{CONFIG_NAME}.tmp-{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp_w), metadata=metadata)
+    tmp_c.write_text(json.dumps(config_dict, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp_w, weights)
+    os.replace(tmp_c, config)
+    model.checkpoint_hash = file_hash(weights)
+    return out
+
+
+def load_safetensors_dir(cls: type, config_cls: type, path: str | Path, hint: str = "") -> ImageTokenizer:
+    """Strictly load a :func:`save_safetensors_dir` directory into ``cls(config_cls.from_dict(...))``, in eval mode.
+
+    Every problem is reported before any weight is used: missing files (named, plus ``hint``), an invalid or unknown
+    config field, and missing / unexpected keys and shape mismatches between the weights and the architecture.
+    """
+    import json
+
+    from safetensors.torch import load_file
+
+    ckpt = Path(path)
+    config_path, weights_path = ckpt / CONFIG_NAME, ckpt / WEIGHTS_NAME
+    for p in (ckpt, config_path, weights_path):
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: not found; a {cls.name} checkpoint is a directory with {CONFIG_NAME} and "
+                                    f"{WEIGHTS_NAME}{hint}")
+    try:
+        config = config_cls.from_dict(json.loads(config_path.read_text()), source=str(config_path))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"{config_path}: not a valid {config_cls.__name__}: {e}") from e
+    model = cls(config)
+    state = load_file(str(weights_path))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                        for k, v in expected.items() if k in state and state[k].shape != v.shape)
+    if missing or unexpected or mismatched:
+        raise ValueError(f"{weights_path}: does not match the architecture in {config_path}: missing keys {missing}, "
+                         f"unexpected keys {unexpected}, shape mismatches {mismatched}")
+    model.load_state_dict(state, strict=True)
+    model.checkpoint_hash = file_hash(weights_path)
+    return model.eval()

@@ -23,7 +23,6 @@ Checkpoints are a directory: ``config.json`` (:class:`HQVAEConfig`) + ``model.sa
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +31,6 @@ from typing import Any, Sequence
 
 import torch
 from loguru import logger
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAEVectorQuantizer
 from transformers.models.janus.modeling_janus import (
@@ -41,11 +39,15 @@ from transformers.models.janus.modeling_janus import (
     JanusVQVAEResnetBlock,
 )
 
-from modeling.vq.base import EncodedImages, ImageTokenizer, config_from_dict, file_hash
+from modeling.vq.base import (
+    EncodedImages,
+    ImageTokenizer,
+    config_from_dict,
+    load_safetensors_dir,
+    save_safetensors_dir,
+)
 from modeling.vq.preprocess import Preprocessor
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 BLOCK = 2  # each top code covers a BLOCK x BLOCK block of bottom codes
 
 
@@ -236,37 +238,11 @@ class HQVAE(ImageTokenizer):
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
         """Write ``config.json`` + ``model.safetensors`` atomically (temp file, then rename)."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp_w, tmp_c = out_dir / (WEIGHTS_NAME + ".tmp"), out_dir / (CONFIG_NAME + ".tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp_w))
-        tmp_c.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        os.replace(tmp_w, out_dir / WEIGHTS_NAME)
-        os.replace(tmp_c, out_dir / CONFIG_NAME)
-        self.checkpoint_hash = file_hash(out_dir / WEIGHTS_NAME)
-        return out_dir
+        return save_safetensors_dir(self, out_dir, self.config.to_dict())
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike) -> "HQVAE":
         """Load a :meth:`save_pretrained` directory strictly; errors name the path and the offending keys."""
-        path = Path(path)
-        config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
-        for f in (config_file, weights_file):
-            if not f.is_file():
-                raise FileNotFoundError(f"HQ-VAE checkpoint file not found: {f}")
-        try:
-            config = HQVAEConfig.from_dict(json.loads(config_file.read_text()), source=str(config_file))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_file}: invalid JSON: {e}") from e
-        model = cls(config)
-        state = load_file(str(weights_file))
-        ours = model.state_dict()
-        missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
-        if missing or unexpected:
-            raise ValueError(f"{weights_file}: checkpoint does not match {config_file}: missing keys {missing[:20]}, "
-                             f"unexpected keys {unexpected[:20]}")
-        model.load_state_dict(state, strict=True)
-        model.checkpoint_hash = file_hash(weights_file)
-        model.eval()
+        model = load_safetensors_dir(cls, HQVAEConfig, path)
         logger.info(f"loaded {model.tokenizer_id} from {path}")
         return model

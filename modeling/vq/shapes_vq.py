@@ -31,7 +31,6 @@ hash, so records name the exact weights (``shapes-vq@<hash>``).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,10 +40,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modeling.vq.base import EncodedImages, ImageTokenizer, config_from_dict, file_hash
+from modeling.vq.base import (
+    EncodedImages,
+    ImageTokenizer,
+    config_from_dict,
+    load_safetensors_dir,
+    save_safetensors_dir,
+)
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 @dataclass
@@ -321,53 +324,13 @@ class ShapesVQ(ImageTokenizer):
     # ------------------------------------------------------------------------------------------ checkpoints
     def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
         """Write ``config.json`` and ``model.safetensors`` atomically (temp file + rename); sets ``checkpoint_hash``."""
-        from safetensors.torch import save_file
-
-        from data_process.schema import atomic_write_text
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        weights = out / WEIGHTS_NAME
-        tmp = weights.with_suffix(".safetensors.tmp")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(tmp), metadata={"format": "pt", "tokenizer": self.name})
-        os.replace(tmp, weights)
-        atomic_write_text(out / CONFIG_NAME, json.dumps(self.config.to_dict(), indent=2) + "\n")
-        self.checkpoint_hash = file_hash(weights)
-        return out
+        metadata = {"format": "pt", "tokenizer": self.name}
+        return save_safetensors_dir(self, out_dir, self.config.to_dict(), metadata=metadata)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike) -> "ShapesVQ":
         """Strictly load a directory written by :meth:`save_pretrained`; errors name the path and the keys."""
-        from safetensors.torch import load_file
-
-        ckpt = Path(path)
-        config_path, weights_path = ckpt / CONFIG_NAME, ckpt / WEIGHTS_NAME
-        for p in (ckpt, config_path, weights_path):
-            if not p.exists():
-                raise FileNotFoundError(f"{p}: not found; a {cls.name} checkpoint is a directory with "
-                                        f"{CONFIG_NAME} and {WEIGHTS_NAME} (write one with data_process/train_vq.py)")
-        try:
-            config = ShapesVQConfig.from_dict(json.loads(config_path.read_text()), source=str(config_path))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise ValueError(f"{config_path}: not a valid ShapesVQConfig: {e}") from e
-        model = cls(config)
-        state = load_file(str(weights_path))
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        mismatched = sorted(
-            f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-            for k, v in expected.items() if k in state and state[k].shape != v.shape
-        )
-        if missing or unexpected or mismatched:
-            raise ValueError(
-                f"{weights_path}: does not match the architecture in {config_path}: "
-                f"missing keys {missing}, unexpected keys {unexpected}, shape mismatches {mismatched}"
-            )
-        model.load_state_dict(state, strict=True)
-        model.checkpoint_hash = file_hash(weights_path)
-        return model.eval()
+        return load_safetensors_dir(cls, ShapesVQConfig, path, hint=" (write one with data_process/train_vq.py)")
 
 
 def uint8_to_pixels(images_BCHW: torch.Tensor) -> torch.Tensor:
