@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from modeling.vocab import CodeVocab
 
@@ -101,13 +102,11 @@ class ModalityRouting:
             bounds = [int(b) for b in cu_seq_lens.tolist()]  # one host sync per batch, not per layer
             device = vision_BT.device
             docs = Segments.from_lengths([e - s for s, e in zip(bounds[:-1], bounds[1:])], device)
-            # (modality, document) segment lengths: text segments of every document, then vision segments
-            vision_list = vision_M.tolist()
-            text_lens, vision_lens = [], []
-            for s, e in zip(bounds[:-1], bounds[1:]):
-                n_vision = sum(vision_list[s:e])
-                text_lens.append(e - s - n_vision)
-                vision_lens.append(n_vision)
+            # (modality, document) segment lengths: text segments of every document, then vision segments.
+            # Vision tokens per document from a prefix sum read at the boundaries (one small host copy).
+            vision_before = F.pad(vision_M.long().cumsum(0), (1, 0))[cu_seq_lens.long()].tolist()
+            vision_lens = [b - a for a, b in zip(vision_before[:-1], vision_before[1:])]
+            text_lens = [e - s - v for s, e, v in zip(bounds[:-1], bounds[1:], vision_lens)]
             modality_segments = Segments.from_lengths(text_lens + vision_lens, device)
         return cls(batch, seq, vision_BT, text_idx_N, vision_idx_V, concat_idx_M, flat_to_concat_M, docs,
                    modality_segments)
