@@ -163,17 +163,24 @@ class UniXConfig(Qwen2Config):
 
     def with_vocab(self, vocab: CodeVocab) -> "UniXConfig":
         """Return a copy whose vocabulary fields follow ``vocab`` (what training does at build time)."""
-        d = self.to_dict()
+        return UniXConfig.from_dict_with_vocab(self.to_dict(), vocab)
+
+    @classmethod
+    def from_dict_with_vocab(cls, d: dict, vocab: CodeVocab) -> "UniXConfig":
+        """Build from a config dict (ours, or a Qwen2 source's) with the vocabulary fields of ``vocab`` applied.
+
+        The vocabulary is applied before construction: the dict's own image fields may not fit its vocabulary yet
+        (placeholders, or none at all in a Qwen2 config), which ``__init__`` would reject.
+        """
+        d = {k: v for k, v in d.items() if k not in ("model_type", "transformers_version", "architectures")}
         d.update(
             image_offset=vocab.image_offset,
             image_level_sizes=list(vocab.level_sizes),
             vision_start_token_id=vocab.vision_start_id,
             vision_end_token_id=vocab.vision_end_id,
-            vocab_size=max(self.vocab_size, vocab.total_vocab_size),
+            vocab_size=max(d["vocab_size"], vocab.total_vocab_size),
         )
-        for key in ("model_type", "transformers_version", "architectures"):
-            d.pop(key, None)
-        return UniXConfig(**d)
+        return cls(**d)
 
 
 Variant = Literal["dense", "unix", "mot", "moe"]

@@ -68,15 +68,10 @@ def _expand_rows(old_VD: torch.Tensor, new_VD: torch.Tensor, vocab: CodeVocab) -
 def unix_config_from_qwen(src_config: Qwen2Config, vocab: CodeVocab, **fields) -> UniXConfig:
     """A `UniXConfig` with the source's architecture, our fields, and a vocabulary covering the image codes."""
     d = src_config.to_dict()
-    for key in ("model_type", "architectures", "transformers_version", "layer_types", "auto_map"):
+    for key in ("layer_types", "auto_map"):  # Qwen2-only keys: our layer kinds are derived from our fields
         d.pop(key, None)
     d.update({k: v for k, v in fields.items() if v is not None})
-    d.update(
-        image_offset=vocab.image_offset, image_level_sizes=list(vocab.level_sizes),
-        vision_start_token_id=vocab.vision_start_id, vision_end_token_id=vocab.vision_end_id,
-        vocab_size=max(src_config.vocab_size, vocab.total_vocab_size),
-    )
-    return UniXConfig(**d)
+    return UniXConfig.from_dict_with_vocab(d, vocab)
 
 
 @torch.no_grad()
