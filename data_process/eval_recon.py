@@ -40,6 +40,7 @@ from loguru import logger
 from PIL import Image
 from tqdm import tqdm
 
+from data_process.converters import ImageSource as Location  # where an image's bytes are
 from data_process.schema import atomic_write_text
 from modeling.vq import ImageTokenizer, load_image_tokenizer
 from modeling.vq.metrics import CodeStats, FeatureMoments, frechet_distance, psnr, ssim
@@ -50,40 +51,38 @@ IMAGE_EXTS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 @dataclass(frozen=True)
 class ImageSource:
-    """One image to evaluate: a display name and a loader (tar members are read lazily too)."""
+    """One image to evaluate: a display name and a loader (bytes are read only when the image is evaluated)."""
 
     name: str
     load: Callable[[], Image.Image]
 
 
-def _file_source(path: Path) -> ImageSource:
+def _source(location: Location) -> ImageSource:
     def load() -> Image.Image:
-        with Image.open(path) as im:
+        with Image.open(BytesIO(location.read_bytes())) as im:
             im.load()
             return im
 
-    return ImageSource(str(path), load)
+    return ImageSource(location.label, load)
 
 
 def _folder_sources(folder: Path) -> list[ImageSource]:
-    return [_file_source(p) for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_EXTS and p.is_file()]
+    return [_source(Location(str(p))) for p in sorted(folder.rglob("*"))
+            if p.suffix.lower() in IMAGE_EXTS and p.is_file()]
 
 
 def _tar_sources(tar_path: Path) -> list[ImageSource]:
-    with tarfile.open(tar_path) as tf:
-        members = sorted(m.name for m in tf.getmembers() if m.isfile() and Path(m.name).suffix.lower() in IMAGE_EXTS)
-
-    def loader(member: str) -> Callable[[], Image.Image]:
-        def load() -> Image.Image:
-            with tarfile.open(tar_path) as tf:
-                data = tf.extractfile(member).read()
-            with Image.open(BytesIO(data)) as im:
-                im.load()
-                return im
-
-        return load
-
-    return [ImageSource(f"{tar_path}:{m}", loader(m)) for m in members]
+    """Members of an uncompressed tar are located by offset (read later, without re-scanning the archive);
+    a compressed tar cannot be seeked into, so its images are read now, in one pass."""
+    try:
+        tf, compressed = tarfile.open(tar_path, mode="r:"), False
+    except tarfile.ReadError:
+        tf, compressed = tarfile.open(tar_path, mode="r:*"), True
+    with tf:
+        members = sorted((m for m in tf.getmembers() if m.isfile() and Path(m.name).suffix.lower() in IMAGE_EXTS),
+                         key=lambda m: m.name)
+        return [_source(Location(str(tar_path), m.name, m.offset_data, m.size,
+                                 tf.extractfile(m).read() if compressed else None)) for m in members]
 
 
 def _list_sources(list_path: Path) -> list[ImageSource]:
@@ -95,7 +94,7 @@ def _list_sources(list_path: Path) -> list[ImageSource]:
         p = Path(line) if Path(line).is_absolute() else list_path.parent / line
         if not p.is_file():
             raise FileNotFoundError(f"{list_path}:{lineno}: image: file not found: {p}")
-        sources.append(_file_source(p))
+        sources.append(_source(Location(str(p))))
     return sources
 
 
