@@ -112,10 +112,7 @@ def _sample_lengths(base: list[str], tmp: Path) -> list[int]:
 
     model_args, data_args, training_args = parse_args(base + ["--output_dir", str(tmp / "lengths"),
                                                               "--use_data_packing", "0"])
-    tok = builders.build_tokenizer(model_args)
-    vocab = builders.build_code_vocab(model_args, tok)
-    ds = builders.build_train_dataset(data_args, training_args, builders.build_sample_builder(data_args, tok, vocab),
-                                      vocab)
+    _, _, ds = builders.build_data(model_args, data_args, training_args)
     return [len(r["input_ids"]) for r in ds.rows]
 
 

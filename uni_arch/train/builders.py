@@ -95,6 +95,17 @@ def build_train_dataset(data_args: DataArguments, training_args: UniTrainingArgu
 
 
 # ------------------------------------------------------------------------------------------ model
+def build_data(model_args: ModelArguments, data_args: DataArguments, training_args: UniTrainingArguments):
+    """Tokenizer -> code vocabulary -> sample builder -> training dataset; returns ``(tokenizer, code_vocab, dataset)``.
+
+    The one data chain of the entry point, the unigram baseline and the benchmarks.
+    """
+    tokenizer = build_tokenizer(model_args)
+    code_vocab = build_code_vocab(model_args, tokenizer)
+    sample_builder = build_sample_builder(data_args, tokenizer, code_vocab)
+    return tokenizer, code_vocab, build_train_dataset(data_args, training_args, sample_builder, code_vocab)
+
+
 def _fresh_config(model_args: ModelArguments, code_vocab: CodeVocab):
     from modeling import UniXConfig
 

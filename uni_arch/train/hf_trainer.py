@@ -49,10 +49,7 @@ def make_trainer(
     """Tokenizer -> code vocabulary -> samples -> dataset -> model -> trainer (the dataset first: a bad corpus fails
     before a large checkpoint is loaded)."""
     set_seed(training_args.seed)
-    tokenizer = builders.build_tokenizer(model_args)
-    code_vocab = builders.build_code_vocab(model_args, tokenizer)
-    sample_builder = builders.build_sample_builder(data_args, tokenizer, code_vocab)
-    train_dataset = builders.build_train_dataset(data_args, training_args, sample_builder, code_vocab)
+    tokenizer, code_vocab, train_dataset = builders.build_data(model_args, data_args, training_args)
     model = builders.build_model(model_args, data_args, code_vocab)
     builders.apply_unfreeze(model, model_args.unfreeze_keys, code_vocab, training_args.weight_decay)
     callbacks = [LossCurveCallback(training_args.output_dir)] if training_args.write_loss_curves else []

@@ -66,10 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_args(argv)
     setup_logging(0)
     data_args.streaming_data = 0  # count over the materialised rows
-    tokenizer = builders.build_tokenizer(model_args)
-    vocab = builders.build_code_vocab(model_args, tokenizer)
-    sample_builder = builders.build_sample_builder(data_args, tokenizer, vocab)
-    dataset = builders.build_train_dataset(data_args, training_args, sample_builder, vocab)
+    _, vocab, dataset = builders.build_data(model_args, data_args, training_args)
     counts = count_targets(dataset.rows, vocab)
     result = {f"{m}_unigram_entropy": unigram_entropy(c) for m, c in counts.items()}
     result.update({f"{m}_targets": sum(c.values()) for m, c in counts.items()})
