@@ -98,6 +98,16 @@ class ModelArguments:
     def variant(self) -> str:
         return "dense" if self.custom_cls == "none" else SPEC_TO_VARIANT[self.model_spec_module]
 
+    @property
+    def level_sizes(self) -> list[int] | None:
+        """``image_level_sizes`` parsed ("8192" or "512,512"); None when not given."""
+        if self.image_level_sizes is None:
+            return None
+        try:
+            return [int(x) for x in str(self.image_level_sizes).split(",")]
+        except ValueError as e:
+            raise ValueError(f"image_level_sizes={self.image_level_sizes!r} must be comma-separated integers") from e
+
     def __post_init__(self) -> None:
         if not self.model_name_or_path and not self.model_config:
             raise ValueError("model_name_or_path and model_config are both empty: give a checkpoint or a config json")
@@ -114,10 +124,7 @@ class ModelArguments:
         if not self.unfreeze_keys.strip():
             raise ValueError("unfreeze_keys is empty: use 'train-all' or name patterns")
         if self.image_level_sizes is not None:
-            try:
-                sizes = [int(x) for x in str(self.image_level_sizes).split(",")]
-            except ValueError as e:
-                raise ValueError(f"image_level_sizes={self.image_level_sizes!r} must be comma-separated integers") from e
+            sizes = self.level_sizes
             if not sizes or min(sizes) <= 0:
                 raise ValueError(f"image_level_sizes={self.image_level_sizes!r} must be positive")
         if self.model_spec_module not in SPEC_TO_VARIANT:

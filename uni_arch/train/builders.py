@@ -50,7 +50,7 @@ def build_code_vocab(model_args: ModelArguments, tokenizer) -> CodeVocab:
 
         level_sizes = load_image_tokenizer(model_args.image_tokenizer, model_args.image_tokenizer_path).level_sizes
     elif model_args.image_level_sizes:
-        level_sizes = [int(x) for x in str(model_args.image_level_sizes).split(",")]
+        level_sizes = model_args.level_sizes
     else:
         config = _checkpoint_config(model_args)
         if config is None or not hasattr(config, "image_level_sizes"):

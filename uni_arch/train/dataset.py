@@ -180,10 +180,7 @@ def mix_indices(sizes: Sequence[int], weights: Sequence[float], percentage: floa
         rng.shuffle(order)
         kept.append(order[: max(1, math.floor(n * percentage))] if n else [])
     total = sum(len(k) for k in kept)
-    if len(sizes) == 1:
-        targets = [total]
-    else:
-        targets = [round(total * w / sum(weights)) for w in weights]
+    targets = [round(total * w / sum(weights)) for w in weights]
     out = []
     for s, (k, target) in enumerate(zip(kept, targets)):
         if not k:
