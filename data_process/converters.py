@@ -109,9 +109,13 @@ class _Ctx:
     def bad(self, reason: str, detail: str) -> BadItem:
         return BadItem(self.id, self.file, self.line, reason, detail)
 
+    @property
+    def where(self) -> str:
+        """``file:line`` (``file:key`` for tar members): the prefix of every message about this input."""
+        return f"{self.file}:{self.line}" if self.line is not None else f"{self.file}:{self.key}"
+
     def meta(self) -> dict[str, Any]:
-        where = f"{self.file}:{self.line}" if self.line is not None else f"{self.file}:{self.key}"
-        return {"dataset": self.spec.name, "source": where}
+        return {"dataset": self.spec.name, "source": self.where}
 
 
 def _rel(spec: DatasetSpec, path: Path) -> str:
@@ -166,9 +170,9 @@ def _image_folder_row(spec: DatasetSpec, ctx: _Ctx, obj: dict) -> Item:
     """``{"id"?, "image": rel_path, "caption" | "text"}`` -> one image_text (or t2i / i2t) record."""
     image, caption = obj.get("image"), _caption(spec, obj)
     if not isinstance(image, str) or not image:
-        return ctx.bad(BAD_RECORD, f"{ctx.file}:{ctx.line}: image: missing or not a path string")
+        return ctx.bad(BAD_RECORD, f"{ctx.where}: image: missing or not a path string")
     if caption is None:
-        return ctx.bad(BAD_RECORD, f"{ctx.file}:{ctx.line}: {'/'.join(spec.caption_fields)}: no non-empty caption")
+        return ctx.bad(BAD_RECORD, f"{ctx.where}: {'/'.join(spec.caption_fields)}: no non-empty caption")
     record = Record(id=ctx.id, type=spec.record_type or "image_text", text=caption, meta=ctx.meta())
     return WorkItem(ctx.id, record, [ImageSource(str(spec.image_root / image))], ctx.file, ctx.line)
 
@@ -195,7 +199,7 @@ def _classify_conversation(convs: list[dict[str, str]]) -> tuple[str, str | None
 
 def _llava_row(spec: DatasetSpec, ctx: _Ctx, obj: dict) -> Item:
     """LLaVA / ILLUME row: ``images`` list (or ``image`` str) + ``conversations`` with ``<image>`` placeholders."""
-    where = f"{ctx.file}:{ctx.line}"
+    where = ctx.where
     images = obj.get("images", obj.get("image", []))
     images = [images] if isinstance(images, str) else images
     if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
@@ -226,7 +230,7 @@ def _llava_row(spec: DatasetSpec, ctx: _Ctx, obj: dict) -> Item:
 
 # ---------------------------------------------------------------------------------------------- unix_ref
 def _unix_ref_codes(spec: DatasetSpec, ctx: _Ctx, raw: Any) -> ImageCodes | BadItem:
-    where, field_name = f"{ctx.file}:{ctx.line}", spec.code_field
+    where, field_name = ctx.where, spec.code_field
     if isinstance(raw, str):
         try:
             raw = json.loads(raw)
@@ -245,7 +249,7 @@ def _unix_ref_codes(spec: DatasetSpec, ctx: _Ctx, raw: Any) -> ImageCodes | BadI
 
 def _unix_ref_row(spec: DatasetSpec, ctx: _Ctx, obj: dict) -> Item:
     """Uni-X reference row ``{data_type, text | caption, vqcode_512}``: already encoded, converted as is."""
-    where = f"{ctx.file}:{ctx.line}"
+    where = ctx.where
     data_type = obj.get("data_type") or "text"
     if data_type not in UNIX_DATA_TYPES:
         return ctx.bad(BAD_RECORD, f"{where}: data_type: {data_type!r} is not one of {', '.join(UNIX_DATA_TYPES)}")
@@ -266,7 +270,7 @@ def _text_row(spec: DatasetSpec, ctx: _Ctx, obj: dict) -> Item:
     """``{"id"?, "text"}`` -> one text record."""
     text = obj.get("text")
     if not isinstance(text, str) or not text.strip():
-        return ctx.bad(BAD_RECORD, f"{ctx.file}:{ctx.line}: text: missing or empty")
+        return ctx.bad(BAD_RECORD, f"{ctx.where}: text: missing or empty")
     return WorkItem(ctx.id, Record(id=ctx.id, type="text", text=text, meta=ctx.meta()), [], ctx.file, ctx.line)
 
 
