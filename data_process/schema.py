@@ -18,6 +18,7 @@ Writers go through :class:`AtomicShardWriter`: a shard exists under its final na
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -114,7 +115,7 @@ def record_from_dict(d: Any, path: str | os.PathLike | None = None, line: int | 
         raise err("<record>", f"expected a json object, got {type(d).__name__}")
     unknown = set(d) - {"id", "type", "text", "conversations", "images", "meta"}
     if unknown:
-        raise err(sorted(unknown)[0], f"unknown field (known: id, type, text, conversations, images, meta)")
+        raise err(sorted(unknown)[0], "unknown field (known: id, type, text, conversations, images, meta)")
     if not isinstance(d.get("id"), str) or not d["id"]:
         raise err("id", "missing or not a non-empty string")
     rtype = d.get("type")
@@ -218,10 +219,22 @@ class AtomicShardWriter:
             self.abort()
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a small file (manifest, json result) atomically."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write; on success it is renamed to ``path`` (atomic on POSIX), on an
+    exception it is removed: a killed or failed writer never leaves a truncated file under the final name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a small file (manifest, json result) atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -42,7 +42,7 @@ from loguru import logger
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
-from data_process.schema import IMAGE_PLACEHOLDER, AtomicShardWriter, atomic_write_text
+from data_process.schema import IMAGE_PLACEHOLDER, AtomicShardWriter, atomic_path, atomic_write_text
 from data_process.shapes import (
     BACKGROUND, COLORS, PALETTE, RELATIONS, SHAPES, TAGS, Detection, Scene, ShapeObject, ShapesWorld, detect,
     evaluate_geneval, relative_position, score_geneval,
@@ -67,9 +67,8 @@ def image_relpath(index: int) -> str:
 
 def save_png_atomic(image: Image.Image, path: Path) -> None:
     """PNG under its final name only once complete (a killed build leaves no truncated image behind)."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def _count_lines(path: Path) -> int:

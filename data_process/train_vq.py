@@ -56,7 +56,7 @@ import torch
 from loguru import logger
 from tqdm import tqdm
 
-from data_process.schema import atomic_write_text
+from data_process.schema import atomic_path, atomic_write_text
 from modeling.vq.shapes_vq import ShapesVQ, ShapesVQConfig, pixels_to_uint8, psnr_uint8, uint8_to_pixels
 
 METRICS_NAME = "metrics.json"
@@ -149,10 +149,8 @@ def cached_images(cache_dir: Path, world, indices: range, desc: str) -> torch.Te
             return images
         logger.warning(f"{path}: cached tensor has {images.shape[0]} images, expected {len(indices)}; re-rendering")
     images = render_images(world, indices, desc)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(images, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(images, tmp)
     return images
 
 
@@ -193,10 +191,9 @@ def batch_indices(cfg: TrainVQConfig, step: int) -> torch.Tensor:
 
 
 def _save_state(path: Path, model: ShapesVQ, opt: torch.optim.Optimizer, step: int, elapsed: float, cfg: dict) -> None:
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "elapsed_s": elapsed,
-                "rng": torch.get_rng_state(), "config": cfg}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "elapsed_s": elapsed,
+                    "rng": torch.get_rng_state(), "config": cfg}, tmp)
 
 
 def train_loop(
