@@ -19,7 +19,7 @@ ENV_VARS=" $(compgen -e | tr '\n' ' ') "   # what the caller set (it beats the p
 # 1. Parameters (each one overridable from the environment)
 # =====================================================================================================
 # -- Task & logging --
-: "${RUN_NAME=shapes-tiny-unix}"
+: "${RUN_NAME=shapes-tiny-uni-x}"
 : "${OUTPUT_DIR=outputs/${RUN_NAME}}"
 : "${REPORT_TO=none}"                          # none | wandb | tensorboard
 
@@ -38,7 +38,7 @@ ENV_VARS=" $(compgen -e | tr '\n' ' ') "   # what the caller set (it beats the p
 
 # -- Model & data paths --
 : "${MODEL_PATH=}"                              # checkpoint to start from ('' = fresh init from MODEL_CONFIG)
-: "${MODEL_CONFIG=configs/model/tiny_unix.json}"
+: "${MODEL_CONFIG=configs/model/tiny_uni_x.json}"
 : "${TOKENIZER_PATH=data/shapes/tokenizer}"     # a directory, or qwen2.5
 : "${IMAGE_TOKENIZER=shapes}"                   # shapes | chameleon | hqvae
 : "${IMAGE_TOKENIZER_PATH=data/shapes/vq}"
@@ -53,9 +53,9 @@ ENV_VARS=" $(compgen -e | tr '\n' ' ') "   # what the caller set (it beats the p
 : "${MODEL_VERSION=qwen2}"
 : "${CUSTOM_CLS=uni_qwen}"                      # uni_qwen | none (plain dense)
 : "${MODEL_SPEC_MODULE=x}"                      # x (Uni-X) | mot | moe | dense
-: "${VISION_ENCODE_LAYERS=}"                    # "" = the model config's (tiny_unix: 1)
-: "${VISION_DECODE_LAYERS=}"                    # "" = the model config's (tiny_unix: 1)
-: "${ALL_MODAL_VISIBLE=}"                       # "" = the model config's (tiny_unix: 0)
+: "${VISION_ENCODE_LAYERS=}"                    # "" = the model config's (tiny_uni_x: 1)
+: "${VISION_DECODE_LAYERS=}"                    # "" = the model config's (tiny_uni_x: 1)
+: "${ALL_MODAL_VISIBLE=}"                       # "" = the model config's (tiny_uni_x: 0)
 : "${UNFREEZE_KEYS=train-all}"                  # or e.g. vision,image_embeddings (stage 1)
 : "${FFN_VISION_SIZE=}"                         # '' = the config's
 : "${FFN_SHARE_SIZE=}"
@@ -98,7 +98,7 @@ if [[ $# -gt 0 && "$1" != --* ]]; then PRESET="$1"; shift; fi
 [[ -z "$PRESET" || -f "$PRESET" ]] || { echo "train.sh: preset $PRESET not found" >&2; exit 2; }
 
 bash tools/setup_env.sh
-VENV="${UNIX_VENV:-$ROOT/.venv}"
+VENV="${UNI_X_VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export OMP_NUM_THREADS="$NUM_THREADS"

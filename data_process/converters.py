@@ -3,7 +3,7 @@
 Each converter turns one :class:`~data_process.data_config.DatasetSpec` into an iterator of
 
 * :class:`WorkItem`: a stable ``id``, a record skeleton (``images`` still empty unless the input is already
-  encoded, as ``unix_ref`` is) and the :class:`ImageSource` of every image the record needs, in placeholder order;
+  encoded, as ``uni_x_ref`` is) and the :class:`ImageSource` of every image the record needs, in placeholder order;
 * :class:`BadItem`: an input that cannot become a record (malformed json, missing field, placeholder/image count
   mismatch, codes out of range), with a reason the encoder counts in its manifest.
 
@@ -12,7 +12,7 @@ encoder's sharding and resume rely on that. Converters never read image pixels: 
 stream and only opens the images of the items it owns (:meth:`ImageSource.read_bytes`).
 
 Formats: ``image_folder`` (captions jsonl), ``webdataset`` (tar shards, stdlib ``tarfile``), ``llava`` (LLaVA /
-ILLUME conversations: understanding, text-to-image, two-image editing), ``unix_ref`` (the Uni-X reference jsonl
+ILLUME conversations: understanding, text-to-image, two-image editing), ``uni_x_ref`` (the Uni-X reference jsonl
 with ``vqcode_512``) and ``text_jsonl``.
 """
 
@@ -36,7 +36,7 @@ UNREADABLE_SHARD = "unreadable_shard"
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp")  # webdataset image keys, by preference
 _ROLE_ALIASES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt", "system": "system"}
 # Uni-X reference data_type -> our record type (the reference's collator treats all i2t variants alike).
-UNIX_DATA_TYPES = {"text": "text", "image_text": "image_text", "t2i": "t2i", "i2t": "i2t", "i2t_reverse": "i2t"}
+UNI_X_DATA_TYPES = {"text": "text", "image_text": "image_text", "t2i": "t2i", "i2t": "i2t", "i2t_reverse": "i2t"}
 
 
 @dataclass(frozen=True)
@@ -228,8 +228,8 @@ def _llava_row(spec: DatasetSpec, ctx: _Ctx, obj: dict) -> Item:
     return WorkItem(ctx.id, record, sources, ctx.file, ctx.line)
 
 
-# ---------------------------------------------------------------------------------------------- unix_ref
-def _unix_ref_codes(spec: DatasetSpec, ctx: _Ctx, raw: Any) -> ImageCodes | BadItem:
+# ---------------------------------------------------------------------------------------------- uni_x_ref
+def _uni_x_ref_codes(spec: DatasetSpec, ctx: _Ctx, raw: Any) -> ImageCodes | BadItem:
     where, field_name = ctx.where, spec.code_field
     if isinstance(raw, str):
         try:
@@ -247,18 +247,18 @@ def _unix_ref_codes(spec: DatasetSpec, ctx: _Ctx, raw: Any) -> ImageCodes | BadI
     return ImageCodes(codes=raw, grid=(h, w), tokenizer=spec.tokenizer_name)
 
 
-def _unix_ref_row(spec: DatasetSpec, ctx: _Ctx, obj: dict) -> Item:
+def _uni_x_ref_row(spec: DatasetSpec, ctx: _Ctx, obj: dict) -> Item:
     """Uni-X reference row ``{data_type, text | caption, vqcode_512}``: already encoded, converted as is."""
     where = ctx.where
     data_type = obj.get("data_type") or "text"
-    if data_type not in UNIX_DATA_TYPES:
-        return ctx.bad(BAD_RECORD, f"{where}: data_type: {data_type!r} is not one of {', '.join(UNIX_DATA_TYPES)}")
+    if data_type not in UNI_X_DATA_TYPES:
+        return ctx.bad(BAD_RECORD, f"{where}: data_type: {data_type!r} is not one of {', '.join(UNI_X_DATA_TYPES)}")
     text = next((v for v in (obj.get("text"), obj.get("caption")) if isinstance(v, str) and v.strip()), None)
     if text is None:
         return ctx.bad(BAD_RECORD, f"{where}: text: missing (neither text nor caption is a non-empty string)")
-    record = Record(id=ctx.id, type=UNIX_DATA_TYPES[data_type], text=text, meta=ctx.meta())
+    record = Record(id=ctx.id, type=UNI_X_DATA_TYPES[data_type], text=text, meta=ctx.meta())
     if record.type != "text":
-        codes = _unix_ref_codes(spec, ctx, obj.get(spec.code_field))
+        codes = _uni_x_ref_codes(spec, ctx, obj.get(spec.code_field))
         if isinstance(codes, BadItem):
             return codes
         record.images = [codes]
@@ -360,7 +360,7 @@ def iter_webdataset(spec: DatasetSpec) -> Iterator[Item]:
 CONVERTERS: dict[str, Callable[[DatasetSpec], Iterator[Item]]] = {
     "image_folder": _json_rows(_image_folder_row),
     "llava": _json_rows(_llava_row),
-    "unix_ref": _json_rows(_unix_ref_row),
+    "uni_x_ref": _json_rows(_uni_x_ref_row),
     "text_jsonl": _json_rows(_text_row),
     "webdataset": iter_webdataset,
 }

@@ -8,7 +8,7 @@ Format::
       - {name: shapes_vqa, format: llava, root: ., image_dir: ., annotations: [vqa.jsonl], encode_images: true}
       - {name: shapes_text, format: text_jsonl, root: ., annotations: [text.jsonl], encode_images: false}
       - {name: cc3m, format: webdataset, root: /data/cc3m, shards: ["*.tar"]}
-      - {name: unix_ct, format: unix_ref, root: ., annotations: [ref.jsonl], codebook_size: 8192,
+      - {name: unix_ct, format: uni_x_ref, root: ., annotations: [ref.jsonl], codebook_size: 8192,
          tokenizer_name: "chameleon@0123456789ab"}
 
 ``root`` is relative to the YAML's directory; ``image_dir``, ``annotations`` and ``shards`` (globs) are relative to
@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-FORMATS: tuple[str, ...] = ("image_folder", "webdataset", "llava", "unix_ref", "text_jsonl")
+FORMATS: tuple[str, ...] = ("image_folder", "webdataset", "llava", "uni_x_ref", "text_jsonl")
 IMAGE_FORMATS: tuple[str, ...] = ("image_folder", "webdataset", "llava")  # formats whose images we encode
 CAPTION_RECORD_TYPES: tuple[str, ...] = ("image_text", "t2i", "i2t")  # one image + one text
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # the name becomes a directory under out_dir
@@ -52,10 +52,10 @@ class DatasetSpec:
     image_dir: str = "."
     annotations: list[str] = field(default_factory=list)
     shards: list[str] = field(default_factory=list)  # webdataset: tar globs relative to root
-    encode_images: bool | None = None  # default: true for image formats, false for unix_ref/text_jsonl
+    encode_images: bool | None = None  # default: true for image formats, false for uni_x_ref/text_jsonl
     record_type: str | None = None  # image_folder/webdataset: image_text (default), t2i or i2t
     caption_fields: list[str] = field(default_factory=lambda: ["caption", "text"])  # first present wins
-    # unix_ref only: the codes are already there; we check them against the tokenizer that made them.
+    # uni_x_ref only: the codes are already there; we check them against the tokenizer that made them.
     codebook_size: int | None = None
     tokenizer_name: str | None = None
     code_field: str = "vqcode_512"
@@ -121,17 +121,17 @@ def _validate(spec: DatasetSpec, err) -> None:
             raise err("shards", f"only used by format webdataset, not {spec.format}")
         if not spec.annotations:
             raise err("annotations", f"format {spec.format} needs at least one annotation jsonl")
-    if spec.format == "unix_ref":
+    if spec.format == "uni_x_ref":
         if not isinstance(spec.codebook_size, int) or spec.codebook_size <= 0:
-            raise err("codebook_size", f"unix_ref needs the codebook size of the tokenizer that made the codes, got {spec.codebook_size!r}")
+            raise err("codebook_size", f"uni_x_ref needs the codebook size of the tokenizer that made the codes, got {spec.codebook_size!r}")
         if not isinstance(spec.tokenizer_name, str) or not spec.tokenizer_name:
-            raise err("tokenizer_name", "unix_ref needs the tokenizer id to store in records (e.g. 'chameleon@<hash>')")
+            raise err("tokenizer_name", "uni_x_ref needs the tokenizer id to store in records (e.g. 'chameleon@<hash>')")
         if not (isinstance(spec.grid, list) and len(spec.grid) == 2 and all(isinstance(g, int) and g > 0 for g in spec.grid)):
             raise err("grid", f"must be [height, width] of positive integers, got {spec.grid!r}")
     else:
-        for unix_field in ("codebook_size", "tokenizer_name"):
-            if getattr(spec, unix_field) is not None:
-                raise err(unix_field, f"only used by format unix_ref, not {spec.format}")
+        for uni_x_field in ("codebook_size", "tokenizer_name"):
+            if getattr(spec, uni_x_field) is not None:
+                raise err(uni_x_field, f"only used by format uni_x_ref, not {spec.format}")
 
 
 def _check_paths(spec: DatasetSpec, err) -> None:

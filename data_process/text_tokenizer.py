@@ -174,9 +174,9 @@ def _qwen_tiktoken_file() -> Path:
 
 
 def default_cache_dir() -> Path:
-    """``$UNIX_CACHE`` or ``$XDG_CACHE_HOME/uni_x`` (``~/.cache/uni_x``): where converted tokenizers are kept."""
-    if os.environ.get("UNIX_CACHE"):
-        return Path(os.environ["UNIX_CACHE"])
+    """``$UNI_X_CACHE`` or ``$XDG_CACHE_HOME/uni_x`` (``~/.cache/uni_x``): where converted tokenizers are kept."""
+    if os.environ.get("UNI_X_CACHE"):
+        return Path(os.environ["UNI_X_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "uni_x"
 
 

@@ -9,9 +9,9 @@ causal sdpa per document ~1,600). So the packed path loops over the explicit seg
 same ``cu_seq_lens`` instead.
 
 Registered names (``model.set_attn_implementation(name)`` or ``from_pretrained(..., attn_implementation=name)``):
-    ``unix_packed``  varlen path on packed rows (flash-attn varlen on CUDA when installed, else the per-segment sdpa
+    ``uni_x_packed``  varlen path on packed rows (flash-attn varlen on CUDA when installed, else the per-segment sdpa
                      loop); without ``cu_seq_lens`` (padded batches, decoding) it is sdpa with the explicit mask.
-    ``unix_fa_varlen``   the same but REQUIRES flash-attn: a clear ImportError naming the package and the fallback.
+    ``uni_x_fa_varlen``   the same but REQUIRES flash-attn: a clear ImportError naming the package and the fallback.
 The stock ``eager`` and ``sdpa`` implementations stay exact on packed rows through explicit block-diagonal masks built
 by the model (`modeling.modality.build_attention_masks`); tests use them as the reference.
 """
@@ -27,10 +27,10 @@ from loguru import logger
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-PACKED_ATTENTION = "unix_packed"
+PACKED_ATTENTION = "uni_x_packed"
 # No "flash" in the name: transformers treats any implementation name containing "flash" as a hub kernel request
 # (utils.generic.is_flash_attention_requested) and fails before our function is ever called.
-FLASH_ATTENTION = "unix_fa_varlen"
+FLASH_ATTENTION = "uni_x_fa_varlen"
 # implementations that consume cu_seq_lens directly (no mask is built for them on packed rows)
 VARLEN_IMPLEMENTATIONS = frozenset({PACKED_ATTENTION, FLASH_ATTENTION, "flash_attention_2", "flash_attention_3"})
 
@@ -43,7 +43,7 @@ def flash_attn_installed() -> bool:
 
 @functools.cache
 def _warn_no_flash_once() -> None:
-    logger.warning("unix_packed on CUDA without flash-attn: using the per-document sdpa loop (slower)")
+    logger.warning("uni_x_packed on CUDA without flash-attn: using the per-document sdpa loop (slower)")
 
 
 def _flash_varlen(query_BHTD, key_BKTD, value_BKTD, scaling, dropout, cu_seq_lens, max_len) -> torch.Tensor:
@@ -113,7 +113,7 @@ def packed_attention_forward(
 
 
 def flash_required_attention_forward(*args, **kwargs):
-    """`unix_fa_varlen`: like `packed_attention_forward` but refuses to run without flash-attn."""
+    """`uni_x_fa_varlen`: like `packed_attention_forward` but refuses to run without flash-attn."""
     return packed_attention_forward(*args, require_flash=True, **kwargs)
 
 

@@ -1,8 +1,8 @@
 """Qwen2/Qwen2.5 checkpoint -> any variant (dense, Uni-X, MoT, MoE), and back where that is defined.
 
-    python modeling/conversion.py --src <qwen dir> --dst <dir> --variant unix \\
+    python modeling/conversion.py --src <qwen dir> --dst <dir> --variant uni_x \\
         --vision_encode_layers 9 --vision_decode_layers 5 --num_image_tokens 8192 [--tokenizer_dir <dir>]
-    python modeling/conversion.py --from_config configs/model/tiny_unix.json --dst <dir>   # random init
+    python modeling/conversion.py --from_config configs/model/tiny_uni_x.json --dst <dir>   # random init
     python modeling/conversion.py --src <mot/moe/dense dir> --dst <dir> --to_dense          # back to Qwen2
 
 Initialisation (DESIGN.md section 4): every vision branch is a copy of the text layer at the same depth (layer i ->
@@ -28,7 +28,7 @@ from modeling import UniXConfig, UniXForCausalLM, build_model
 from modeling.vocab import VISION_END, VISION_START, CodeVocab
 
 QWEN25_VISION_START, QWEN25_VISION_END = 151652, 151653
-UNIX_TO_DENSE_UNDEFINED = (
+UNI_X_TO_DENSE_UNDEFINED = (
     "Uni-X -> dense text model is not defined: the separated layers' text branches were trained with the vision "
     "branches beside them (and, with all_modal_visible=1, attending to vision keys), so a model without them is "
     "not the trained model on any input with images. Evaluate text directly with the Uni-X checkpoint: "
@@ -65,7 +65,7 @@ def _expand_rows(old_VD: torch.Tensor, new_VD: torch.Tensor, vocab: CodeVocab) -
     new_VD[start:end] = old_VD[:start].float().mean(0).to(new_VD.dtype)
 
 
-def unix_config_from_qwen(src_config: Qwen2Config, vocab: CodeVocab, **fields) -> UniXConfig:
+def uni_x_config_from_qwen(src_config: Qwen2Config, vocab: CodeVocab, **fields) -> UniXConfig:
     """A `UniXConfig` with the source's architecture, our fields, and a vocabulary covering the image codes."""
     d = src_config.to_dict()
     for key in ("layer_types", "auto_map"):  # Qwen2-only keys: our layer kinds are derived from our fields
@@ -124,11 +124,11 @@ def _vision_text_pairs(model: UniXForCausalLM):
 def to_dense_qwen(model: UniXForCausalLM) -> Qwen2ForCausalLM:
     """Export a plain Qwen2 model where that is exact: dense, or MoT/MoE whose experts all equal the text ones.
 
-    Uni-X -> dense raises `UNIX_TO_DENSE_UNDEFINED` (the reason is in the message).
+    Uni-X -> dense raises `UNI_X_TO_DENSE_UNDEFINED` (the reason is in the message).
     """
     config = model.config
-    if config.variant == "unix" and (config.vision_encode_layers or config.vision_decode_layers):
-        raise ValueError(UNIX_TO_DENSE_UNDEFINED)
+    if config.variant == "uni_x" and (config.vision_encode_layers or config.vision_decode_layers):
+        raise ValueError(UNI_X_TO_DENSE_UNDEFINED)
     differing = [full_name for full_name, text_param, param in _vision_text_pairs(model)
                  if text_param.shape != param.shape or not torch.equal(text_param, param)]
     if differing:
@@ -149,7 +149,7 @@ def to_dense_qwen(model: UniXForCausalLM) -> Qwen2ForCausalLM:
 def convert(
     dst: str,
     src: str | None = None,
-    variant: str = "unix",
+    variant: str = "uni_x",
     vision_encode_layers: int = 0,
     vision_decode_layers: int = 0,
     num_image_tokens: int = 8192,
@@ -184,7 +184,7 @@ def convert(
         source = Qwen2ForCausalLM.from_pretrained(src, dtype=dtype)
         vocab, tokenizer = _vocab_from_args(tokenizer_dir, image_offset, list(image_level_sizes or [num_image_tokens]),
                                  vision_start_token_id, vision_end_token_id)
-        config = unix_config_from_qwen(
+        config = uni_x_config_from_qwen(
             source.config, vocab, variant=variant, vision_encode_layers=vision_encode_layers,
             vision_decode_layers=vision_decode_layers, ffn_vision_size=ffn_vision_size,
             all_modal_visible=all_modal_visible, moe_every_k=moe_every_k,

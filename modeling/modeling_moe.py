@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 
-from modeling.configuration_unix import UniXConfig
-from modeling.modeling_unix import SharedDecoderLayer, ffn_config
+from modeling.configuration_uni_x import UniXConfig
+from modeling.layers import SharedDecoderLayer, ffn_config
 
 
 class MoEDecoderLayer(SharedDecoderLayer):

@@ -9,8 +9,8 @@ differs, so this file states only that difference.
 
 from __future__ import annotations
 
-from modeling.configuration_unix import UniXConfig
-from modeling.modeling_unix import SeparatedDecoderLayer
+from modeling.configuration_uni_x import UniXConfig
+from modeling.layers import SeparatedDecoderLayer
 
 
 class MoTDecoderLayer(SeparatedDecoderLayer):

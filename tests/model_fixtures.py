@@ -11,8 +11,8 @@ VISION_START, VISION_END = 10, 11
 NUM_CODES = 64
 VARIANTS = {
     "dense": dict(variant="dense"),
-    "unix_amv0": dict(variant="unix", vision_encode_layers=1, vision_decode_layers=1, all_modal_visible=0),
-    "unix_amv1": dict(variant="unix", vision_encode_layers=1, vision_decode_layers=1, all_modal_visible=1),
+    "uni_x_amv0": dict(variant="uni_x", vision_encode_layers=1, vision_decode_layers=1, all_modal_visible=0),
+    "uni_x_amv1": dict(variant="uni_x", vision_encode_layers=1, vision_decode_layers=1, all_modal_visible=1),
     "mot": dict(variant="mot"),
     "moe": dict(variant="moe", moe_every_k=2),
 }

@@ -56,7 +56,7 @@ def test_shapes_world_config_format_loads_with_defaults(root):
     ({"name": "d", "format": "llava", "annotations": ["a.jsonl"], "record_type": "t2i"}, "record_type", "not used"),
     ({"name": "d", "format": "image_folder", "annotations": ["a.jsonl"], "record_type": "edit"}, "record_type", "not one of"),
     ({"name": "d", "format": "webdataset", "shards": ["*.tar"]}, r"shards\[0\]", "matches no file"),
-    ({"name": "d", "format": "unix_ref", "annotations": ["a.jsonl"], "tokenizer_name": "t"}, "codebook_size", "unix_ref needs"),
+    ({"name": "d", "format": "uni_x_ref", "annotations": ["a.jsonl"], "tokenizer_name": "t"}, "codebook_size", "uni_x_ref needs"),
     ({"name": "d", "format": "text_jsonl"}, "annotations", "needs at least one"),
     ({"format": "text_jsonl", "annotations": ["a.jsonl"]}, "name", "missing"),
     ({"name": "a/b", "format": "text_jsonl", "annotations": ["a.jsonl"]}, "name", "must be a non-empty name"),
@@ -120,8 +120,8 @@ def test_llava_bad_rows(root, row, reason, detail):
     assert re.search(detail, item.detail)
 
 
-# --------------------------------------------------------------------------------------------- unix_ref
-def test_unix_ref_rows(root):
+# --------------------------------------------------------------------------------------------- uni_x_ref
+def test_uni_x_ref_rows(root):
     codes = list(range(16))
     write_jsonl(root / "r.jsonl", [
         {"data_type": "i2t_reverse", "caption": "from caption", "text": None, "vqcode_512": json.dumps(codes)},
@@ -131,7 +131,7 @@ def test_unix_ref_rows(root):
         {"data_type": "video", "text": "t"},
         {"text": "plain"},
     ])
-    spec = load_data_config(write_yaml(root / "r.yaml", [{"name": "r", "format": "unix_ref", "annotations": ["r.jsonl"],
+    spec = load_data_config(write_yaml(root / "r.yaml", [{"name": "r", "format": "uni_x_ref", "annotations": ["r.jsonl"],
                                                          "codebook_size": 16, "tokenizer_name": "vq@1", "grid": [4, 4]}])).datasets[0]
     items = list(iter_items(spec))
     first = items[0].record

@@ -130,7 +130,7 @@ def test_zero3_checkpoint_loads_with_from_pretrained(runs):
     import torch
     from transformers import AutoModelForCausalLM
 
-    import modeling  # noqa: F401  registers unix_qwen2
+    import modeling  # noqa: F401  registers uni_x_qwen2
 
     ddp = AutoModelForCausalLM.from_pretrained(runs["ddp"][0])
     z3 = AutoModelForCausalLM.from_pretrained(runs["zero3"][0])

@@ -163,7 +163,7 @@ def corpus(tmp_path: Path) -> dict:
     config = write_config(root / "data_config.yaml", [
         {"name": "caps", "format": "image_folder", "root": ".", "image_dir": "images", "annotations": ["captions.jsonl"]},
         {"name": "vqa", "format": "llava", "image_dir": "images", "annotations": ["vqa.jsonl"]},
-        {"name": "ref", "format": "unix_ref", "annotations": ["ref.jsonl"], "codebook_size": 8192,
+        {"name": "ref", "format": "uni_x_ref", "annotations": ["ref.jsonl"], "codebook_size": 8192,
          "tokenizer_name": "chameleon@abc"},
         {"name": "txt", "format": "text_jsonl", "annotations": ["text.jsonl"], "encode_images": False},
         {"name": "wds", "format": "webdataset", "shards": ["shard-*.tar"]},

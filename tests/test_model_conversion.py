@@ -29,21 +29,21 @@ def _convert(src: str, dst, variant: str, **kw):
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_converted_unix_equals_source_on_text(tmp_path, tied):
+def test_converted_uni_x_equals_source_on_text(tmp_path, tied):
     src = _source(tmp_path, tied)
     base = Qwen2ForCausalLM.from_pretrained(src, attn_implementation="eager")
-    unix = _convert(src, tmp_path / "unix", "unix", vision_encode_layers=1, vision_decode_layers=2)
-    assert unix.config.vocab_size == TEXT_VOCAB + NUM_CODES and unix.config.tie_word_embeddings == tied
+    uni_x = _convert(src, tmp_path / "uni_x", "uni_x", vision_encode_layers=1, vision_decode_layers=2)
+    assert uni_x.config.vocab_size == TEXT_VOCAB + NUM_CODES and uni_x.config.tie_word_embeddings == tied
     ids = torch.tensor([documents()[0] + documents()[4]])  # text only
     want = base(ids, use_cache=False).logits[..., :TEXT_VOCAB]
-    got = unix(ids, use_cache=False).logits
+    got = uni_x(ids, use_cache=False).logits
     assert (got[..., :TEXT_VOCAB] - want).abs().max() < 1e-5
-    emb = unix.get_input_embeddings().weight
+    emb = uni_x.get_input_embeddings().weight
     torch.testing.assert_close(emb[TEXT_VOCAB], emb[:TEXT_VOCAB].mean(0))  # image rows: mean of the text rows
 
 
 @pytest.mark.parametrize("variant, kw", [("mot", {}), ("moe", {"moe_every_k": 2}),
-                                         ("unix", {"vision_encode_layers": 2, "vision_decode_layers": 2,
+                                         ("uni_x", {"vision_encode_layers": 2, "vision_decode_layers": 2,
                                                    "all_modal_visible": 1})])
 def test_copied_experts_equal_dense_on_any_input(tmp_path, variant, kw):
     src = _source(tmp_path, tied=True)
@@ -72,9 +72,9 @@ def test_reverse_conversion(tmp_path):
     dense = to_dense_qwen(mot)
     ids = torch.tensor([sum(documents(), [])])
     torch.testing.assert_close(dense(ids, use_cache=False).logits, mot(ids, use_cache=False).logits)
-    unix = _convert(src, tmp_path / "unix", "unix", vision_encode_layers=1, vision_decode_layers=1)
+    uni_x = _convert(src, tmp_path / "uni_x", "uni_x", vision_encode_layers=1, vision_decode_layers=1)
     with pytest.raises(ValueError, match="not defined"):
-        to_dense_qwen(unix)
+        to_dense_qwen(uni_x)
     with torch.no_grad():
         mot.model.layers[0].vision.mlp.up_proj.weight.add_(1.0)
     with pytest.raises(ValueError, match="only exact when every vision expert equals"):
@@ -84,7 +84,7 @@ def test_reverse_conversion(tmp_path):
 def test_model_from_config_alone(tmp_path):
     from pathlib import Path
 
-    cfg = Path(__file__).resolve().parents[1] / "configs" / "model" / "tiny_unix.json"
+    cfg = Path(__file__).resolve().parents[1] / "configs" / "model" / "tiny_uni_x.json"
     convert(dst=str(tmp_path / "tiny"), from_config=str(cfg))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny")
     assert model.config.layer_kinds == ["separated", "shared", "shared", "separated"]

@@ -15,11 +15,11 @@ from tests.model_fixtures import VARIANTS, documents, image_ids, pack, text_ids,
     "overrides, message",
     [
         (dict(variant="sparse"), "unknown variant='sparse'"),
-        (dict(variant="unix", vision_encode_layers=3, vision_decode_layers=2), "exceed num_hidden_layers=4"),
+        (dict(variant="uni_x", vision_encode_layers=3, vision_decode_layers=2), "exceed num_hidden_layers=4"),
         (dict(variant="dense", vision_encode_layers=1), "vision_encode_layers/vision_decode_layers are Uni-X"),
         (dict(vocab_size=100), "vocab_size=100 does not cover the image codes"),
         (dict(ffn_vision_size=-4), "ffn_vision_size=-4 must be positive"),
-        (dict(variant="unix", vision_encode_layers=-1), "vision_encode_layers=-1 must be >= 0"),
+        (dict(variant="uni_x", vision_encode_layers=-1), "vision_encode_layers=-1 must be >= 0"),
         (dict(all_modal_visible=2), "all_modal_visible=2 must be 0 or 1"),
         (dict(variant="moe", moe_every_k=0), "moe_every_k=0 must be >= 1"),
         (dict(vision_start_token_id=500), "vision_start_id=500 must be a text id"),
@@ -32,13 +32,13 @@ def test_config_validation_names_the_fields(overrides, message):
 
 
 def test_layer_kinds_are_derived():
-    assert tiny_config(variant="unix", vision_encode_layers=1, vision_decode_layers=2).layer_kinds == [
+    assert tiny_config(variant="uni_x", vision_encode_layers=1, vision_decode_layers=2).layer_kinds == [
         "separated", "shared", "separated", "separated"]
     assert tiny_config(variant="moe", moe_every_k=2).layer_kinds == ["shared", "moe", "shared", "moe"]
     assert tiny_config(variant="mot").layer_kinds == ["mot"] * 4
 
 
-@pytest.mark.parametrize("name", ["unix_amv0", "moe"])
+@pytest.mark.parametrize("name", ["uni_x_amv0", "moe"])
 def test_save_load_round_trip_through_auto_classes(name, tmp_path):
     model = tiny_model(name)
     model.save_pretrained(tmp_path)
@@ -50,12 +50,12 @@ def test_save_load_round_trip_through_auto_classes(name, tmp_path):
     torch.testing.assert_close(loaded(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
 
 
-def test_unix_without_separated_layers_equals_dense():
+def test_uni_x_without_separated_layers_equals_dense():
     dense = tiny_model("dense")
-    unix = tiny_model("unix_amv0", vision_encode_layers=0, vision_decode_layers=0)
-    unix.load_state_dict(dense.state_dict())
+    uni_x = tiny_model("uni_x_amv0", vision_encode_layers=0, vision_decode_layers=0)
+    uni_x.load_state_dict(dense.state_dict())
     batch = pack(documents())
-    diff = unix(**batch, use_cache=False).logits - dense(**batch, use_cache=False).logits
+    diff = uni_x(**batch, use_cache=False).logits - dense(**batch, use_cache=False).logits
     assert diff.abs().max() < 1e-5
 
 
@@ -71,7 +71,7 @@ def test_vision_parameters_never_touch_text_tokens_in_encode_layers(amv):
     g = torch.Generator().manual_seed(1)
     ids = torch.tensor([text_ids(4, g) + [10] + image_ids(5, g) + [11] + text_ids(3, g)])
     text_pos = (ids[0] < 96) & (ids[0] != 10)
-    model = tiny_model("unix_amv0", all_modal_visible=amv, num_hidden_layers=4, vision_encode_layers=2,
+    model = tiny_model("uni_x_amv0", all_modal_visible=amv, num_hidden_layers=4, vision_encode_layers=2,
                        vision_decode_layers=1)
     before = model(ids, use_cache=False, output_hidden_states=True).hidden_states
     with torch.no_grad():
@@ -94,7 +94,7 @@ def test_vision_parameters_never_touch_text_tokens_in_encode_layers(amv):
 def test_one_modality_batch_gives_every_parameter_a_gradient(name, modality):
     g = torch.Generator().manual_seed(2)
     ids = text_ids(12, g) if modality == "text" else image_ids(12, g)
-    model = tiny_model(name, "unix_packed").train()
+    model = tiny_model(name, "uni_x_packed").train()
     batch = pack([ids[:5], ids[5:]])
     loss = model(**batch, labels=batch["input_ids"], use_cache=False).loss
     loss.backward()
@@ -104,7 +104,7 @@ def test_one_modality_batch_gives_every_parameter_a_gradient(name, modality):
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_every_parameter_changes_after_training_steps(name):
-    model = tiny_model(name, "unix_packed").train()
+    model = tiny_model(name, "uni_x_packed").train()
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for seed in range(3):
@@ -120,7 +120,7 @@ def test_gradient_checkpointing_matches_plain_backward():
     batch = pack(documents())
     grads = []
     for checkpointing in (False, True):
-        model = tiny_model("unix_amv1", "unix_packed").train()
+        model = tiny_model("uni_x_amv1", "uni_x_packed").train()
         if checkpointing:
             enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
             enable()
@@ -132,7 +132,7 @@ def test_gradient_checkpointing_matches_plain_backward():
 
 
 def test_inputs_embeds_needs_vision_mask():
-    model = tiny_model("unix_amv0")
+    model = tiny_model("uni_x_amv0")
     embeds = model.get_input_embeddings()(torch.tensor([[20, 21]]))
     with pytest.raises(ValueError, match="vision_mask"):
         model(inputs_embeds=embeds, use_cache=False)
@@ -148,8 +148,8 @@ def test_config_vocab_filled_at_build_time():
     assert cfg.vocab_size == 168 and cfg.code_vocab.image_token_range == (120, 168)
 
 
-@pytest.mark.parametrize("name, base_params, separated", [("qwen2.5-1.5b_unix_9_5", 1_543_714_304, 14),
-                                                          ("qwen2.5-3b_unix_12_6", 3_085_938_688, 18)])
+@pytest.mark.parametrize("name, base_params, separated", [("qwen2.5-1.5b_uni_x_9_5", 1_543_714_304, 14),
+                                                          ("qwen2.5-3b_uni_x_12_6", 3_085_938_688, 18)])
 def test_reference_configs_have_the_qwen25_shapes(name, base_params, separated):
     """Built on the meta device: the dense variant at Qwen2.5's vocabulary has exactly Qwen2.5's parameter count."""
     from pathlib import Path

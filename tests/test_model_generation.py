@@ -15,7 +15,7 @@ def _sequence() -> list[int]:
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
-@pytest.mark.parametrize("attn", ["eager", "unix_packed"])
+@pytest.mark.parametrize("attn", ["eager", "uni_x_packed"])
 def test_prefill_then_token_by_token_equals_full_forward(name, attn):
     seq = _sequence()
     model = tiny_model(name, attn)
@@ -48,7 +48,7 @@ def test_generate_greedy_equals_argmax_of_full_forwards(name):
     assert got[0].tolist() == _greedy_by_full_forwards(model, prompt, 8)
 
 
-@pytest.mark.parametrize("name", ["unix_amv0", "mot"])
+@pytest.mark.parametrize("name", ["uni_x_amv0", "mot"])
 def test_generate_left_padded_batch_equals_each_prompt(name):
     """CFG batches a conditional and an unconditional prompt of different lengths, left-padded."""
     g = torch.Generator().manual_seed(9)

@@ -21,7 +21,7 @@ def model_and_tokenizer(tmp_path_factory):
     tok = write_tokenizer(tmp_path_factory.mktemp("tok"))
     vocab = CodeVocab.from_tokenizer(tok, [32])
     config = UniXConfig(
-        variant="unix", vision_encode_layers=1, vision_decode_layers=1, hidden_size=32, intermediate_size=64,
+        variant="uni_x", vision_encode_layers=1, vision_decode_layers=1, hidden_size=32, intermediate_size=64,
         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
         vocab_size=vocab.total_vocab_size, image_offset=vocab.image_offset, image_level_sizes=list(vocab.level_sizes),
         vision_start_token_id=vocab.vision_start_id, vision_end_token_id=vocab.vision_end_id,

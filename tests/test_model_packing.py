@@ -9,7 +9,7 @@ import torch
 
 from tests.model_fixtures import VARIANTS, VISION_START, documents, image_ids, pack, text_ids, tiny_model
 
-IMPLEMENTATIONS = ["eager", "sdpa", "unix_packed"]
+IMPLEMENTATIONS = ["eager", "sdpa", "uni_x_packed"]
 
 
 def _weighted_sum(logits: torch.Tensor, seed: int) -> torch.Tensor:
@@ -52,7 +52,7 @@ def test_separated_layer_without_all_modal_visible_hides_other_modality():
     g = torch.Generator().manual_seed(3)
     prefix = [VISION_START] + image_ids(5, g)
     tail = text_ids(4, g)
-    model = tiny_model("unix_amv0", "eager")
+    model = tiny_model("uni_x_amv0", "eager")
     h_a = model(torch.tensor([prefix + tail]), use_cache=False, output_hidden_states=True).hidden_states[1]
     prefix_b = [VISION_START] + image_ids(5, g)
     h_b = model(torch.tensor([prefix_b + tail]), use_cache=False, output_hidden_states=True).hidden_states[1]
@@ -61,7 +61,7 @@ def test_separated_layer_without_all_modal_visible_hides_other_modality():
 
 
 def test_attention_mask_with_cu_seq_lens_raises():
-    model = tiny_model("unix_amv0")
+    model = tiny_model("uni_x_amv0")
     batch = pack(documents())
     with pytest.raises(ValueError, match="must not carry an attention_mask"):
         model(**batch, attention_mask=torch.ones_like(batch["input_ids"]), use_cache=False)
@@ -74,7 +74,7 @@ def test_packed_row_with_cache_raises():
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
-@pytest.mark.parametrize("attn", ["eager", "sdpa", "unix_packed"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "uni_x_packed"])
 def test_left_padded_batch_equals_unpadded(name, attn):
     docs = documents()[2:4]  # two mixed prompts of different lengths
     model = tiny_model(name, attn)
@@ -91,15 +91,15 @@ def test_left_padded_batch_equals_unpadded(name, attn):
 def test_flash_varlen_equals_sdpa_on_gpu():
     pytest.importorskip("flash_attn")
     docs = documents()
-    model = tiny_model("unix_amv0", "sdpa").cuda().to(torch.bfloat16)
+    model = tiny_model("uni_x_amv0", "sdpa").cuda().to(torch.bfloat16)
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in pack(docs).items()}
     ref = model(**batch, use_cache=False).logits
-    model.set_attn_implementation("unix_fa_varlen")
+    model.set_attn_implementation("uni_x_fa_varlen")
     torch.testing.assert_close(model(**batch, use_cache=False).logits, ref, atol=3e-2, rtol=3e-2)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
-def test_unix_fa_varlen_without_flash_attn_names_the_package_and_the_fallback():
-    model = tiny_model("unix_amv0", "unix_fa_varlen")
-    with pytest.raises(ImportError, match=r"flash-attn.*requirements-gpu\.txt.*unix_packed"):
+def test_uni_x_fa_varlen_without_flash_attn_names_the_package_and_the_fallback():
+    model = tiny_model("uni_x_amv0", "uni_x_fa_varlen")
+    with pytest.raises(ImportError, match=r"flash-attn.*requirements-gpu\.txt.*uni_x_packed"):
         model(**pack(documents()), use_cache=False)

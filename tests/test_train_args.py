@@ -26,7 +26,7 @@ def test_precedence_defaults_yaml_cli(tmp_path):
 
 @pytest.mark.parametrize(
     "spec, custom_cls, variant",
-    [("x", "uni_qwen", "unix"), ("unix", "uni_qwen", "unix"), ("mot", "uni_qwen", "mot"), ("moe", "uni_qwen", "moe"),
+    [("x", "uni_qwen", "uni_x"), ("unix", "uni_qwen", "uni_x"), ("mot", "uni_qwen", "mot"), ("moe", "uni_qwen", "moe"),
      ("x", "none", "dense")],
 )
 def test_reference_variant_mapping(spec, custom_cls, variant):

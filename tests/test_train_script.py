@@ -38,10 +38,10 @@ def test_train_sh_smoke_preset(tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    import modeling  # noqa: F401  registers unix_qwen2
+    import modeling  # noqa: F401  registers uni_x_qwen2
 
     model = AutoModelForCausalLM.from_pretrained(out)
-    assert model.config.variant == "unix" and model.config.image_level_sizes == [64]
+    assert model.config.variant == "uni_x" and model.config.image_level_sizes == [64]
 
 
 def test_bad_launcher_and_missing_preset_fail_fast(tmp_path):

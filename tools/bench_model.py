@@ -4,10 +4,10 @@ Two tables from one command:
 
 1. **Variants at equal active parameters**: dense, Uni-X, MoT and MoE built with the same widths, so every token
    runs exactly the same number of parameters (one branch per token); only totals differ. One packed row of
-   ``seq_len`` tokens mixing text and image documents, ``unix_packed`` attention. Reports tokens/s and the ratio to
+   ``seq_len`` tokens mixing text and image documents, ``uni_x_packed`` attention. Reports tokens/s and the ratio to
    dense measured in the same run (the Uni-X target: at most 10% slower than dense).
 2. **Packed vs padded** (dense model, the same documents: text of mixed lengths and ~1,000-token image documents):
-   one packed row per bin with ``cu_seq_lens`` and ``unix_packed``; the same documents as padded batches (sdpa with
+   one packed row per bin with ``cu_seq_lens`` and ``uni_x_packed``; the same documents as padded batches (sdpa with
    the padding mask); and transformers' ``DataCollatorWithFlattening`` rows on the stock ``Qwen2ForCausalLM`` (sdpa
    with the block mask transformers builds from ``position_ids``). Reports REAL (non-padding) tokens/s.
 
@@ -79,7 +79,7 @@ def _pack_first_fit(docs: list[list[int]], seq_len: int) -> list[list[list[int]]
 def _config(variant: str, hidden: int, layers: int):
     from modeling import UniXConfig
 
-    extra = {"unix": dict(vision_encode_layers=layers // 3, vision_decode_layers=layers // 3),
+    extra = {"uni_x": dict(vision_encode_layers=layers // 3, vision_decode_layers=layers // 3),
              "moe": dict(moe_every_k=2)}.get(variant, {})
     return UniXConfig(
         variant=variant, vocab_size=TEXT_VOCAB + NUM_CODES, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
@@ -140,7 +140,7 @@ def _build_case(case: dict):
         model = Qwen2ForCausalLM(_qwen2_config(config))
         model.set_attn_implementation("sdpa")
     else:
-        model = build_model(config, attn_implementation="sdpa" if case["mode"] == "padded" else "unix_packed")
+        model = build_model(config, attn_implementation="sdpa" if case["mode"] == "padded" else "uni_x_packed")
     model.train()
     docs = _documents(case["tokens"], case["seed"], case["seq_len"])
     bins = _pack_first_fit(docs, case["seq_len"])
@@ -284,7 +284,7 @@ def main(
     text = [f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (shared machine: timings are noisy)"]
     if variants:
         cases = [dict(common, name=v, variant=v, mode="packed", tokens=seq_len)
-                 for v in ("dense", "unix", "mot", "moe")]
+                 for v in ("dense", "uni_x", "mot", "moe")]
         rows = _run_all(cases, warmup, repeats, threads)
         report["variants"] = rows
         text.append(_table(f"fwd+bwd on packed rows of <= {seq_len} tokens, equal active params per token", rows,

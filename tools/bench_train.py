@@ -15,9 +15,9 @@ Per world, two tables:
 1. **Token utilisation per packing mode** (the pure packer, no model): real tokens / compute capacity of the very
    samples the run trains on. Mode 0 pads consecutive batches of the mode-0 batch size; modes 1 and 2 fill rows.
 2. **Trainer throughput, mode 2 vs mode 0**: the real ``UniTrainer`` (``make_trainer``, the entry point's own
-   builders) on a Uni-X model of the tiny shape (``configs/model/tiny_unix.json``: hidden 256, 4 layers),
+   builders) on a Uni-X model of the tiny shape (``configs/model/tiny_uni_x.json``: hidden 256, 4 layers),
    ``steps`` optimizer steps per mode after ``warmup`` untimed ones. Mode 2 = one packed row of ``seq_len`` per step
-   through ``unix_packed`` per-document attention (the trainer's default for packed rows); mode 0 = padded batches
+   through ``uni_x_packed`` per-document attention (the trainer's default for packed rows); mode 0 = padded batches
    through sdpa with the padding ``attention_mask`` (the standard padded path). Throughput is REAL (non-padding)
    tokens/s: ``trainer`` is the trainer's own ``tokens_per_second`` metric (one log per step); ``wall`` is real
    tokens over the wall time between the ends of the first and last timed steps (a callback), which also counts
@@ -93,11 +93,11 @@ def _world_args(world: str, tmp: Path, n_records: int) -> list[str] | None:
         if not (ROOT / SHAPES_MANIFEST).is_file():
             return None
         return ["--data_path", SHAPES_DATA, "--tokenizer_path", "data/shapes/tokenizer",
-                "--image_tokenizer_path", "data/shapes/vq", "--model_config", "configs/model/tiny_unix.json"]
+                "--image_tokenizer_path", "data/shapes/vq", "--model_config", "configs/model/tiny_uni_x.json"]
     if world == "mixed":
         from uni_arch.train.synthetic import make_world
 
-        tiny = json.loads((ROOT / "configs/model/tiny_unix.json").read_text(encoding="utf-8"))
+        tiny = json.loads((ROOT / "configs/model/tiny_uni_x.json").read_text(encoding="utf-8"))
         paths = make_world(tmp / "mixed", n_records=n_records, grid=(32, 32), codebook=512, corpus="mixed",
                            hidden_size=tiny["hidden_size"], layers=tiny["num_hidden_layers"],
                            heads=tiny["num_attention_heads"])

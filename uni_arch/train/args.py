@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-SPEC_TO_VARIANT = {"x": "unix", "unix": "unix", "mot": "mot", "moe": "moe", "dense": "dense"}
+SPEC_TO_VARIANT = {"x": "uni_x", "unix": "uni_x", "mot": "mot", "moe": "moe", "dense": "dense"}
 
 
 def _check_01(name: str, value: int) -> None:
@@ -50,7 +50,7 @@ class ModelArguments:
     )
     model_config: str | None = field(
         default=None,
-        metadata={"help": "Model config json for a fresh random init (e.g. configs/model/tiny_unix.json); "
+        metadata={"help": "Model config json for a fresh random init (e.g. configs/model/tiny_uni_x.json); "
                   "used when model_name_or_path is empty."},
     )
     model_version: str = field(

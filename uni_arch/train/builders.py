@@ -38,7 +38,7 @@ def _checkpoint_config(model_args: ModelArguments):
         return None
     from transformers import AutoConfig
 
-    import modeling  # noqa: F401  registers unix_qwen2 with AutoConfig
+    import modeling  # noqa: F401  registers uni_x_qwen2 with AutoConfig
 
     return AutoConfig.from_pretrained(model_args.model_name_or_path)
 
@@ -113,7 +113,7 @@ def _fresh_config(model_args: ModelArguments, code_vocab: CodeVocab):
     for key in ("model_type", "transformers_version", "architectures"):
         d.pop(key, None)
     d["variant"] = model_args.variant
-    if d["variant"] != "unix":
+    if d["variant"] != "uni_x":
         d["vision_encode_layers"] = d["vision_decode_layers"] = 0
     for name in ARCH_FIELDS:
         value = getattr(model_args, name)
@@ -124,7 +124,7 @@ def _fresh_config(model_args: ModelArguments, code_vocab: CodeVocab):
 
 def _check_checkpoint(config, model_args: ModelArguments, code_vocab: CodeVocab) -> None:
     """A checkpoint's architecture and vocabulary are fixed: a disagreeing argument is an error, not a rebuild."""
-    if getattr(config, "variant", "dense") != model_args.variant and config.model_type == "unix_qwen2":
+    if getattr(config, "variant", "dense") != model_args.variant and config.model_type == "uni_x_qwen2":
         raise ValueError(f"model_spec_module/custom_cls ask for variant {model_args.variant!r} but "
                          f"{model_args.model_name_or_path} is a {config.variant!r} checkpoint")
     for name in ARCH_FIELDS:
@@ -138,8 +138,8 @@ def _check_checkpoint(config, model_args: ModelArguments, code_vocab: CodeVocab)
 
 
 def default_attn_implementation(packing: int) -> str:
-    """Packed rows on CPU/GPU: the per-document varlen path (``unix_packed``); padded batches: sdpa."""
-    return "unix_packed" if packing else "sdpa"
+    """Packed rows on CPU/GPU: the per-document varlen path (``uni_x_packed``); padded batches: sdpa."""
+    return "uni_x_packed" if packing else "sdpa"
 
 
 def build_model(model_args: ModelArguments, data_args: DataArguments, code_vocab: CodeVocab):

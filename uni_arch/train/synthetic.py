@@ -121,15 +121,15 @@ def write_tokenizer(out_dir: str | Path, vocab_size: int | None = None, max_grid
 
 
 def write_model_config(path: str | Path, *, hidden_size: int = 32, layers: int = 4, heads: int = 4,
-                       variant: str = "unix", vision_encode_layers: int = 1, vision_decode_layers: int = 1) -> Path:
-    """A tiny ``unix_qwen2`` config json; the vocabulary fields are filled in by the builders at train time."""
+                       variant: str = "uni_x", vision_encode_layers: int = 1, vision_decode_layers: int = 1) -> Path:
+    """A tiny ``uni_x_qwen2`` config json; the vocabulary fields are filled in by the builders at train time."""
     cfg = {
-        "model_type": "unix_qwen2", "variant": variant, "hidden_size": hidden_size, "intermediate_size": 2 * hidden_size,
+        "model_type": "uni_x_qwen2", "variant": variant, "hidden_size": hidden_size, "intermediate_size": 2 * hidden_size,
         "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": max(1, heads // 2),
         "max_position_embeddings": 4096, "vocab_size": 16, "image_offset": 8, "image_level_sizes": [8],
         "vision_start_token_id": 3, "vision_end_token_id": 4, "tie_word_embeddings": True,
-        "vision_encode_layers": vision_encode_layers if variant == "unix" else 0,
-        "vision_decode_layers": vision_decode_layers if variant == "unix" else 0,
+        "vision_encode_layers": vision_encode_layers if variant == "uni_x" else 0,
+        "vision_decode_layers": vision_decode_layers if variant == "uni_x" else 0,
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(cfg, indent=2), encoding="utf-8")

@@ -24,179 +24,25 @@ What differs from transformers' Qwen2 (everything else is inherited):
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass
-
 import torch
 from torch import nn
-from transformers import Qwen2Config
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.qwen2.modeling_qwen2 import (
-    Qwen2DecoderLayer,
     Qwen2ForCausalLM,
-    Qwen2MLP,
     Qwen2Model,
     Qwen2PreTrainedModel,
     Qwen2RMSNorm,
     Qwen2RotaryEmbedding,
-    apply_rotary_pos_emb,
-    eager_attention_forward,
 )
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from modeling.attention import VARLEN_IMPLEMENTATIONS
-from modeling.configuration_unix import UniXConfig
+from modeling.configuration_uni_x import LegacyUniXConfig, UniXConfig
+from modeling.layer_registry import layer_class
+from modeling.layers import LayerContext, SharedDecoderLayer
 from modeling.modality import ModalityRouting, build_attention_masks, vision_token_mask
-
-
-def ffn_config(config: Qwen2Config, intermediate_size: int) -> Qwen2Config:
-    """A shallow copy of ``config`` with another FFN width, for building a stock layer/MLP of that width."""
-    cfg = copy.copy(config)
-    cfg.__dict__["intermediate_size"] = intermediate_size
-    return cfg
-
-
-@dataclass
-class LayerContext:
-    """Everything a layer needs about the current batch, computed once in `UniXModel.forward`."""
-
-    routing: ModalityRouting
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]  # cos, sin: [B, T, head_dim], row order
-    position_embeddings_concat: tuple[torch.Tensor, torch.Tensor] | None  # packed rows, concat order
-    mask_document: torch.Tensor | None  # [B, 1, T, S] additive, None on the varlen path
-    mask_same_modality: torch.Tensor | None
-    use_varlen: bool  # packed row + an implementation that consumes cu_seq_lens
-
-
-class SharedDecoderLayer(Qwen2DecoderLayer):
-    """A stock Qwen2 layer for every token; the base of the other kinds, which override the branch hooks."""
-
-    same_modality_only = False
-
-    def __init__(self, config: UniXConfig, layer_idx: int):
-        super().__init__(ffn_config(config, config.share_ffn_size), layer_idx)
-        self.config = config  # the model's own config object: follows set_attn_implementation
-        self.layer_idx = layer_idx
-
-    # -- branch hooks: the vision side returns None for "shared with text"
-    def attention_branches(self) -> tuple[Qwen2DecoderLayer, Qwen2DecoderLayer | None]:
-        """Modules owning ``input_layernorm`` and ``self_attn`` for text and vision tokens."""
-        return self, None
-
-    def ffn_branches(self):
-        """Callables ``h -> FFN(post_attention_layernorm(h))`` for text and vision tokens."""
-        return (lambda h: self.mlp(self.post_attention_layernorm(h))), None
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        unix_ctx: LayerContext | None = None,
-        past_key_values: Cache | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        if unix_ctx is None:
-            raise ValueError(f"{type(self).__name__} is driven by UniXModel.forward (it needs the routing context)")
-        routing = unix_ctx.routing
-        batch, seq, hidden = hidden_states.shape
-        x_MD = hidden_states.reshape(batch * seq, hidden)  # [B, T, D] -> [B*T, D], row order
-        text_ffn, vision_ffn = self.ffn_branches()
-        if self.attention_branches()[1] is None:  # shared attention; the FFN may still be routed (MoE)
-            x_MD = x_MD + self._shared_attention(x_MD, unix_ctx, past_key_values)
-            x_MD = x_MD + routing.route(x_MD, text_ffn, vision_ffn)
-            return x_MD.view(batch, seq, hidden)
-        # modality-separated layer: one gather in, one scatter out; concat order (text rows, then vision) inside
-        xc_MD = routing.rows_to_concat(x_MD)
-        xc_MD = xc_MD + self._separated_attention(xc_MD, unix_ctx, past_key_values)
-        xc_MD = xc_MD + routing.branch(xc_MD, text_ffn, vision_ffn)
-        return routing.concat_to_rows(xc_MD).view(batch, seq, hidden)
-
-    @staticmethod
-    def _qkv(branch: Qwen2DecoderLayer):
-        """``x -> [q | k | v]`` of one branch (its input norm and projections)."""
-        def project(x_MD: torch.Tensor) -> torch.Tensor:
-            h_MD = branch.input_layernorm(x_MD)
-            attn = branch.self_attn
-            return torch.cat([attn.q_proj(h_MD), attn.k_proj(h_MD), attn.v_proj(h_MD)], dim=-1)
-        return project
-
-    def _shared_attention(self, x_MD, ctx: LayerContext, past_key_values) -> torch.Tensor:
-        out_MF = self._attend_rows(self._qkv(self)(x_MD), ctx, past_key_values)
-        return self.self_attn.o_proj(out_MF)
-
-    def _separated_attention(self, xc_MD, ctx: LayerContext, past_key_values) -> torch.Tensor:
-        """Attention sublayer of a separated/MoT layer; input and output in concat order."""
-        routing = ctx.routing
-        text, vision = self.attention_branches()
-        qkv_c = routing.branch(xc_MD, self._qkv(text), self._qkv(vision))
-        if ctx.use_varlen and self.same_modality_only:
-            # packed row, own-modality attention: (modality, document) segments are contiguous in concat order
-            out_c = self._attend(qkv_c, 1, routing.seq, ctx.position_embeddings_concat, None, None,
-                                 routing.modality_segments.kwargs())
-        else:
-            out_c = routing.rows_to_concat(self._attend_rows(routing.concat_to_rows(qkv_c), ctx, past_key_values))
-        return routing.branch(out_c, text.self_attn.o_proj, vision.self_attn.o_proj)
-
-    def _attend_rows(self, qkv_MF, ctx: LayerContext, past_key_values) -> torch.Tensor:
-        """Attention over row-ordered tokens: the documents (varlen) or the explicit mask of this layer's kind."""
-        routing = ctx.routing
-        if ctx.use_varlen:
-            return self._attend(qkv_MF, routing.batch, routing.seq, ctx.position_embeddings, None, None,
-                                routing.docs.kwargs())
-        mask = ctx.mask_same_modality if self.same_modality_only else ctx.mask_document
-        return self._attend(qkv_MF, routing.batch, routing.seq, ctx.position_embeddings, mask, past_key_values, {})
-
-    def _attend(self, qkv_MF, batch, seq, position_embeddings, mask, past_key_values, varlen_kwargs) -> torch.Tensor:
-        """RoPE, cache update and the configured attention function; ``[B*T, (H+2K)*d] -> [B*T, H*d]``."""
-        attn = self.self_attn
-        head_dim = attn.head_dim
-        n_q = self.config.num_attention_heads * head_dim
-        n_kv = self.config.num_key_value_heads * head_dim
-        q_MF, k_MF, v_MF = qkv_MF.split([n_q, n_kv, n_kv], dim=-1)
-        shape = (batch, seq, -1, head_dim)
-        query_BHTD = q_MF.reshape(shape).transpose(1, 2)  # [B*T, H*d] -> [B, H, T, d]
-        key_BKTD = k_MF.reshape(shape).transpose(1, 2)
-        value_BKTD = v_MF.reshape(shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        query_BHTD, key_BKTD = apply_rotary_pos_emb(query_BHTD, key_BKTD, cos, sin)
-        if past_key_values is not None:
-            key_BKTD, value_BKTD = past_key_values.update(key_BKTD, value_BKTD, self.layer_idx)
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        out_BTHd, _ = interface(attn, query_BHTD, key_BKTD, value_BKTD, mask,
-                                dropout=attn.attention_dropout if self.training else 0.0, scaling=attn.scaling,
-                                **varlen_kwargs)
-        return out_BTHd.reshape(batch * seq, n_q)  # [B, T, H, d] -> [B*T, H*d]
-
-
-class SeparatedDecoderLayer(SharedDecoderLayer):
-    """Uni-X two-end layer: a parallel stock vision layer (own attention projections, norms, FFN of
-    ``ffn_vision_size``); attention visibility follows ``config.all_modal_visible``."""
-
-    def __init__(self, config: UniXConfig, layer_idx: int):
-        super().__init__(config, layer_idx)
-        self.vision = Qwen2DecoderLayer(ffn_config(config, config.vision_ffn_size), layer_idx)
-        self.same_modality_only = not config.all_modal_visible
-
-    def attention_branches(self):
-        return self, self.vision
-
-    def ffn_branches(self):
-        return ((lambda h: self.mlp(self.post_attention_layernorm(h))),
-                (lambda h: self.vision.mlp(self.vision.post_attention_layernorm(h))))
-
-
-def layer_class(kind: str) -> type[SharedDecoderLayer]:
-    """Map a ``layer_kinds`` entry to its layer class (MoT/MoE imported here to keep imports one-way)."""
-    from modeling.modeling_moe import MoEDecoderLayer
-    from modeling.modeling_mot import MoTDecoderLayer
-
-    classes = {"shared": SharedDecoderLayer, "separated": SeparatedDecoderLayer, "mot": MoTDecoderLayer,
-               "moe": MoEDecoderLayer}
-    if kind not in classes:
-        raise ValueError(f"unknown layer kind {kind!r}; known: {sorted(classes)}")
-    return classes[kind]
 
 
 class UniXPreTrainedModel(Qwen2PreTrainedModel):
@@ -282,7 +128,7 @@ class UniXModel(UniXPreTrainedModel, Qwen2Model):
 
         hidden_states = inputs_embeds
         for layer in self.layers[: self.config.num_hidden_layers]:
-            hidden_states = layer(hidden_states, unix_ctx=ctx, past_key_values=past_key_values, **kwargs)
+            hidden_states = layer(hidden_states, layer_ctx=ctx, past_key_values=past_key_values, **kwargs)
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None
@@ -356,12 +202,14 @@ class UniXForCausalLM(UniXPreTrainedModel, Qwen2ForCausalLM):
         self.post_init()
 
 
-__all__ = [
-    "UniXPreTrainedModel",
-    "UniXModel",
-    "UniXForCausalLM",
-    "SharedDecoderLayer",
-    "SeparatedDecoderLayer",
-    "LayerContext",
-    "layer_class",
-]
+class LegacyUniXForCausalLM(UniXForCausalLM):
+    """`UniXForCausalLM` for checkpoints saved with the pre-rename ``model_type="unix_qwen2"`` (Auto classes)."""
+
+    config_class = LegacyUniXConfig
+
+
+class LegacyUniXModel(UniXModel):
+    config_class = LegacyUniXConfig
+
+
+__all__ = ["UniXPreTrainedModel", "UniXModel", "UniXForCausalLM", "LegacyUniXForCausalLM", "LegacyUniXModel"]

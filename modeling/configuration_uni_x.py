@@ -21,6 +21,7 @@ vision special-token ids) and the image tokenizer (codebook sizes) before buildi
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
@@ -28,7 +29,9 @@ from transformers import Qwen2Config
 
 from modeling.vocab import CodeVocab
 
-VARIANTS = ("dense", "unix", "mot", "moe")
+VARIANTS = ("dense", "uni_x", "mot", "moe")
+LEGACY_VARIANT = "unix"  # the pre-rename spelling of "uni_x", still read from old config.json files
+LEGACY_MODEL_TYPE = "unix_qwen2"  # the pre-rename model_type, loaded by `LegacyUniXConfig`
 LAYER_KINDS = ("shared", "separated", "mot", "moe")
 
 
@@ -37,7 +40,7 @@ def derive_layer_kinds(
 ) -> list[str]:
     """Expand the variant's size fields into one kind per layer.
 
-    >>> derive_layer_kinds("unix", 5, 2, 1, 1)
+    >>> derive_layer_kinds("uni_x", 5, 2, 1, 1)
     ['separated', 'separated', 'shared', 'shared', 'separated']
     >>> derive_layer_kinds("moe", 4, 0, 0, 2)   # every k-th layer, counting from 1: layers 2 and 4
     ['shared', 'moe', 'shared', 'moe']
@@ -57,7 +60,7 @@ class UniXConfig(Qwen2Config):
     r"""Qwen2 config for the Uni-X model family.
 
     Args (beyond `Qwen2Config`):
-        variant: ``dense`` | ``unix`` | ``mot`` | ``moe``.
+        variant: ``dense`` | ``uni_x`` | ``mot`` | ``moe``.
         vision_encode_layers / vision_decode_layers: Uni-X only; number of first / last layers with a vision branch.
         ffn_vision_size: FFN width of vision branches (``None`` -> ``intermediate_size``).
         ffn_share_size: FFN width of shared and text branches (``None`` -> ``intermediate_size``).
@@ -68,12 +71,12 @@ class UniXConfig(Qwen2Config):
         layer_kinds: derived; if given (from a saved config.json) it must equal the derived list.
     """
 
-    model_type = "unix_qwen2"
+    model_type = "uni_x_qwen2"
 
     # Qwen2.5's text vocabulary (151,665 ids) plus Chameleon's 8,192 codes: the default must be self-consistent
     # because transformers instantiates a default config (e.g. for diffs when saving).
     vocab_size: int = 151665 + 8192
-    variant: str = "unix"
+    variant: str = "uni_x"
     vision_encode_layers: int = 0
     vision_decode_layers: int = 0
     ffn_vision_size: int | None = None
@@ -88,10 +91,14 @@ class UniXConfig(Qwen2Config):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        self._validate_unix_fields()
+        self._validate_uni_x_fields()
 
-    def _validate_unix_fields(self) -> None:
+    def _validate_uni_x_fields(self) -> None:
         """Cross-field rules; every message names the fields involved."""
+        if self.variant == LEGACY_VARIANT:
+            warnings.warn(f"UniXConfig: variant={LEGACY_VARIANT!r} is deprecated, read as 'uni_x' (re-save the "
+                          "checkpoint to update config.json)", FutureWarning, stacklevel=3)
+            self.variant = "uni_x"
         if self.variant not in VARIANTS:
             raise ValueError(f"UniXConfig: unknown variant={self.variant!r}; choose one of {VARIANTS}")
         for name in ("vision_encode_layers", "vision_decode_layers", "image_offset"):
@@ -101,7 +108,7 @@ class UniXConfig(Qwen2Config):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"UniXConfig: {name}={value} must be positive or None (-> intermediate_size)")
-        if self.variant == "unix":
+        if self.variant == "uni_x":
             separated = self.vision_encode_layers + self.vision_decode_layers
             if separated > self.num_hidden_layers:
                 raise ValueError(
@@ -111,6 +118,14 @@ class UniXConfig(Qwen2Config):
         elif self.vision_encode_layers or self.vision_decode_layers:
             raise ValueError(
                 f"UniXConfig: vision_encode_layers/vision_decode_layers are Uni-X fields but variant={self.variant!r}"
+            )
+        if getattr(self, "use_sliding_window", False):
+            # Qwen2's sliding window is not implemented by our attention paths (packed, per-modality, cached);
+            # accepting it would silently train full attention.
+            raise ValueError(
+                f"UniXConfig: use_sliding_window=True (sliding_window={getattr(self, 'sliding_window', None)}, "
+                f"max_window_layers={getattr(self, 'max_window_layers', None)}) is not supported: every layer uses "
+                "full causal attention within the document; set use_sliding_window=false"
             )
         if self.all_modal_visible not in (0, 1):
             raise ValueError(f"UniXConfig: all_modal_visible={self.all_modal_visible} must be 0 or 1")
@@ -183,5 +198,21 @@ class UniXConfig(Qwen2Config):
         return cls(**d)
 
 
-Variant = Literal["dense", "unix", "mot", "moe"]
-__all__ = ["UniXConfig", "derive_layer_kinds", "VARIANTS", "LAYER_KINDS", "Variant"]
+class LegacyUniXConfig(UniXConfig):
+    """Reads checkpoints saved before the rename (``model_type="unix_qwen2"``); saves them as ``uni_x_qwen2``."""
+
+    model_type = LEGACY_MODEL_TYPE
+
+    def __post_init__(self, **kwargs):
+        warnings.warn(f"model_type={LEGACY_MODEL_TYPE!r} is deprecated: it loads as {UniXConfig.model_type!r}; "
+                      "re-save the checkpoint (save_pretrained) to update config.json", FutureWarning, stacklevel=3)
+        super().__post_init__(**kwargs)
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d["model_type"] = UniXConfig.model_type
+        return d
+
+
+Variant = Literal["dense", "uni_x", "mot", "moe"]
+__all__ = ["UniXConfig", "LegacyUniXConfig", "derive_layer_kinds", "VARIANTS", "LAYER_KINDS", "Variant"]
