@@ -6,7 +6,9 @@ a Uni-X-like length mix, fwd+bwd tokens/s on 2 cores: padded ~840, ``DataCollato
 causal sdpa per document ~1,600). So the packed path loops over the explicit segments (documents, or
 (document, modality) segments in Uni-X separated layers with ``all_modal_visible=0``) and calls sdpa with
 ``is_causal=True`` and no mask. On CUDA with ``flash-attn`` installed it calls ``flash_attn_varlen_func`` with the
-same ``cu_seq_lens`` instead.
+same ``cu_seq_lens`` instead. flash-attn only computes in fp16/bf16: fp32 q/k/v (an fp32 model under bf16 autocast,
+where RoPE's fp32 tables upcast q/k) are cast to the half dtype transformers' flash integration would choose and the
+output is cast back; an fp32 model without autocast keeps the exact sdpa loop (`flash_plan` decides, tested on CPU).
 
 Registered names (``model.set_attn_implementation(name)`` or ``from_pretrained(..., attn_implementation=name)``):
     ``uni_x_packed``  varlen path on packed rows (flash-attn varlen on CUDA when installed, else the per-segment sdpa
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +45,63 @@ def flash_attn_installed() -> bool:
 
 
 @functools.cache
-def _warn_no_flash_once() -> None:
-    logger.warning("uni_x_packed on CUDA without flash-attn: using the per-document sdpa loop (slower)")
+def _warn_once(message: str) -> None:
+    """One warning per distinct message and process (the attention function runs in every layer of every forward)."""
+    logger.warning(message)
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def flash_plan(
+    device_type: str,
+    dtype: torch.dtype,
+    flash_available: bool,
+    autocast_dtype: torch.dtype | None,
+    weight_dtype: torch.dtype,
+    required: bool = False,
+) -> tuple[Literal["flash", "sdpa"], torch.dtype | None]:
+    """Which kernel runs a packed row, and the dtype q/k/v must be cast to for it: ``("flash", cast_dtype or None)``
+    or ``("sdpa", None)``. Pure, so that the GPU decision is tested on CPU.
+
+    flash-attn computes only in fp16/bf16 and fails on fp32 inputs. The cast target for fp32 inputs follows
+    transformers' flash integration (``integrations.flash_attention.get_target_dtype``): the autocast dtype when
+    autocast is on, else the dtype of the layer's weights. Where neither is a half dtype (an fp32 model, no autocast)
+    the caller asked for fp32 numerics, so we keep the exact sdpa loop rather than silently compute in bf16; with
+    ``required`` (``uni_x_fa_varlen``) that is an error instead.
+
+    >>> flash_plan("cuda", torch.float32, True, torch.bfloat16, torch.float32)
+    ('flash', torch.bfloat16)
+    >>> flash_plan("cuda", torch.float32, True, None, torch.float32)
+    ('sdpa', None)
+    """
+    if device_type != "cuda" or not flash_available:
+        return "sdpa", None
+    if dtype in HALF_DTYPES:
+        return "flash", None
+    target = autocast_dtype if autocast_dtype is not None else weight_dtype
+    if dtype == torch.float32 and target in HALF_DTYPES:
+        return "flash", target
+    if required:
+        raise ValueError(
+            f"attn_implementation={FLASH_ATTENTION!r}: flash-attn computes in float16/bfloat16 only, got {dtype} "
+            f"inputs with {weight_dtype} weights and autocast dtype {autocast_dtype}. Load the model with "
+            f"dtype=torch.bfloat16, train with bf16/fp16 autocast, or use attn_implementation={PACKED_ATTENTION!r} "
+            "(exact fp32 sdpa loop)"
+        )
+    return "sdpa", None
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _weight_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The layer's compute dtype as transformers reads it: the quantisation dtype, else the first Linear's weights."""
+    config = getattr(module, "config", None)
+    if config is not None and hasattr(config, "_is_quantized"):
+        return config.dtype
+    return next(m for m in module.modules() if isinstance(m, torch.nn.Linear)).weight.dtype
 
 
 def _flash_varlen(query_BHTD, key_BKTD, value_BKTD, scaling, dropout, cu_seq_lens, max_len) -> torch.Tensor:
@@ -103,11 +161,18 @@ def packed_attention_forward(
             f"packed attention expects one packed row without cached keys, got {tuple(query.shape)=} "
             f"{tuple(key.shape)=}"
         )
-    if query.is_cuda and flash_attn_installed():
+    device_type = query.device.type
+    path, cast = flash_plan(device_type, query.dtype, flash_attn_installed(), _autocast_dtype(device_type),
+                            _weight_dtype(module), required=require_flash)
+    if path == "flash":
         max_len = max_length_q if max_length_q is not None else int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
-        return _flash_varlen(query, key, value, scaling, dropout, cu_seq_lens_q.int(), max_len), None
-    if query.is_cuda:
-        _warn_no_flash_once()
+        q, k, v = (query, key, value) if cast is None else (query.to(cast), key.to(cast), value.to(cast))
+        return _flash_varlen(q, k, v, scaling, dropout, cu_seq_lens_q.int(), max_len).to(query.dtype), None
+    if query.is_cuda and not flash_attn_installed():
+        _warn_once("uni_x_packed on CUDA without flash-attn: using the per-document sdpa loop (slower)")
+    elif query.is_cuda:
+        _warn_once(f"uni_x_packed on CUDA with {query.dtype} inputs, {_weight_dtype(module)} weights and no autocast: "
+                   "flash-attn needs fp16/bf16, using the exact per-document sdpa loop (slower)")
     bounds = seq_bounds if seq_bounds is not None else tuple(int(b) for b in cu_seq_lens_q.tolist())
     return _sdpa_segment_loop(query, key, value, scaling, dropout, bounds), None
 
@@ -130,4 +195,5 @@ __all__ = [
     "packed_attention_forward",
     "register_attention_functions",
     "flash_attn_installed",
+    "flash_plan",
 ]
