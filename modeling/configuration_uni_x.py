@@ -209,8 +209,12 @@ class LegacyUniXConfig(UniXConfig):
         super().__post_init__(**kwargs)
 
     def to_dict(self) -> dict:
+        """As `UniXConfig` writes it: the current model_type and class names (``save_pretrained`` records the
+        in-memory class, ``LegacyUniXForCausalLM``, in ``architectures``), so a re-saved checkpoint is a current one."""
         d = super().to_dict()
         d["model_type"] = UniXConfig.model_type
+        if d.get("architectures"):
+            d["architectures"] = [name.removeprefix("Legacy") for name in d["architectures"]]
         return d
 
 

@@ -3,6 +3,9 @@ every parameter trains, gradient checkpointing."""
 
 from __future__ import annotations
 
+import json
+import warnings
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -24,11 +27,37 @@ from tests.model_fixtures import VARIANTS, documents, image_ids, pack, text_ids,
         (dict(variant="moe", moe_every_k=0), "moe_every_k=0 must be >= 1"),
         (dict(vision_start_token_id=500), "vision_start_id=500 must be a text id"),
         (dict(variant="mot", layer_kinds=["shared"] * 4), "disagrees with the kinds derived"),
+        (dict(use_sliding_window=True, sliding_window=64, max_window_layers=2), "use_sliding_window=True .*not supported"),
     ],
 )
 def test_config_validation_names_the_fields(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**overrides)
+
+
+# what Qwen2.5's config.json files ship: sliding window off, with a window size and max_window_layers present
+QWEN25_WINDOW_FIELDS = dict(use_sliding_window=False, sliding_window=32768, max_window_layers=21)
+
+
+def test_sliding_window_is_refused_from_config_json_but_qwen25_fields_load(tmp_path):
+    """A sliding window would silently train full attention (our attention paths ignore it): refuse it when read
+    from a saved config.json too, while Qwen2.5's own fields (window off, a window size given) load and convert."""
+    from transformers import Qwen2Config
+
+    from modeling.conversion import uni_x_config_from_qwen
+    from modeling.vocab import CodeVocab
+
+    cfg = tiny_config(**QWEN25_WINDOW_FIELDS)
+    assert not cfg.use_sliding_window and set(cfg.layer_types) == {"full_attention"}
+    source = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, **QWEN25_WINDOW_FIELDS)
+    converted = uni_x_config_from_qwen(source, CodeVocab(96, (64,), 10, 11), variant="uni_x", vision_encode_layers=1)
+    converted.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).layer_kinds == ["separated", "shared", "shared", "shared"]
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "use_sliding_window": True, "sliding_window": 64}))
+    with pytest.raises(ValueError, match="use_sliding_window=True .*not supported"):
+        AutoConfig.from_pretrained(tmp_path)
 
 
 def test_layer_kinds_are_derived():
@@ -48,6 +77,33 @@ def test_save_load_round_trip_through_auto_classes(name, tmp_path):
     assert isinstance(loaded, UniXForCausalLM)
     ids = torch.tensor([sum(documents()[2:4], [])])
     torch.testing.assert_close(loaded(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
+
+
+def test_checkpoint_saved_before_the_rename_loads_with_a_warning_and_resaves_renamed(tmp_path):
+    """A config.json with the pre-rename model_type "unix_qwen2" and variant "unix" loads through the Auto classes
+    with a FutureWarning, computes what the saved model computed, and save_pretrained writes only current names."""
+    model = tiny_model("uni_x_amv0")
+    old, new = tmp_path / "old", tmp_path / "resaved"
+    model.save_pretrained(old)
+    saved = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({**saved, "model_type": "unix_qwen2", "variant": "unix"}))
+    with pytest.warns(FutureWarning) as caught:
+        loaded = AutoModelForCausalLM.from_pretrained(old, attn_implementation="eager")
+    messages = " ".join(str(w.message) for w in caught)
+    assert "'unix_qwen2' is deprecated" in messages and "variant='unix' is deprecated" in messages
+    assert isinstance(loaded, UniXForCausalLM) and loaded.config.variant == "uni_x"
+    batch = pack(documents())
+    torch.testing.assert_close(loaded(**batch, use_cache=False).logits, model(**batch, use_cache=False).logits,
+                               atol=0, rtol=0)
+    loaded.save_pretrained(new)
+    resaved = json.loads((new / "config.json").read_text())
+    assert (resaved["model_type"], resaved["variant"], resaved["architectures"]) == (
+        "uni_x_qwen2", "uni_x", ["UniXForCausalLM"])
+    assert "unix" not in (new / "config.json").read_text().replace("uni_x", "")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # a re-saved checkpoint is a current one: no deprecation
+        reloaded = AutoModelForCausalLM.from_pretrained(new, attn_implementation="eager")
+    assert type(reloaded) is UniXForCausalLM and type(reloaded.config) is UniXConfig
 
 
 def test_uni_x_without_separated_layers_equals_dense():
