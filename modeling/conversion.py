@@ -7,10 +7,25 @@
 
 Initialisation (DESIGN.md section 4): every vision branch is a copy of the text layer at the same depth (layer i ->
 encode layer i; layer L-M+i -> decode layer i, which IS layer L-M+i; MoT/MoE: the vision experts copy the text
-ones). A vision FFN of another width cannot be copied: it keeps its random init and the log says so. Image codes
-get embedding (and, if untied, output) rows of their own starting at ``image_offset``, initialised to the mean of
-the text rows; Qwen2.5's spare rows past ``len(tokenizer)`` are overwritten by codes, and ``vocab_size`` grows to at
-least ``image_offset + num codes``. Tied embeddings (Qwen2.5-0.5B..3B) stay tied.
+ones). A vision FFN of another width cannot be copied: it keeps its random init and the log says so.
+
+New vocabulary rows (image codes, size tags, padding) are initialised as the reference does, by transformers'
+``resize_token_embeddings(..., mean_resizing=True)`` itself: sampled from a multivariate normal with the mean of the
+old rows and ``1e-9`` times their covariance (transformers' scaling: the new rows sit at the mean, each slightly
+different), for the input embedding and an untied ``lm_head`` alike; tied embeddings (Qwen2.5-0.5B..3B) stay tied.
+Sampling is seeded (``seed``), so a conversion is reproducible. Two layouts of the rows (``vocab_layout``):
+
+    ``compact`` (default)  the text rows ``[0, image_offset)`` are kept and are the "old rows"; everything from
+                           ``image_offset`` on is new (Qwen2.5's 271 unused spare rows past ``len(tokenizer)`` are
+                           replaced), ``vocab_size = round_up(total_vocab_size, pad_to_multiple_of)``: Qwen2.5 +
+                           8,192 codes -> 159,857 ids -> 159,872 rows.
+    ``reference``          the reference's ``resize_token_embeddings(config.vocab_size + num_codes)``: every source row
+                           is kept and is an "old row", new rows are appended after them, and codes still start at
+                           ``image_offset``, so codes 0..270 of Qwen2.5 land on its spare rows (the reference notes
+                           this itself): 151,936 + 8,192 = 160,128 rows, the count of its released checkpoints.
+
+Rows in ``[total_vocab_size, vocab_size)`` (the padding) are no token: training never has them as targets and
+decoding must ban them (as it bans text ids in image mode and codes in text mode).
 Consequences pinned by tests: a converted checkpoint equals its base on text-only input, and MoT/MoE with copied
 experts equal the converted dense model on any input.
 """
@@ -57,26 +72,66 @@ def _vocab_from_args(
                          f"{QWEN25_VISION_START}/{QWEN25_VISION_END}) or --tokenizer_dir") from e
 
 
-def _expand_rows(old_VD: torch.Tensor, new_VD: torch.Tensor, vocab: CodeVocab) -> None:
-    """Copy the source rows, then give image codes mean-initialised rows of their own (in place, no grad)."""
-    start, end = vocab.image_token_range
-    keep = min(old_VD.shape[0], new_VD.shape[0])
-    new_VD[:keep] = old_VD[:keep]
-    new_VD[start:end] = old_VD[:start].float().mean(0).to(new_VD.dtype)
+VOCAB_LAYOUTS = ("compact", "reference")
 
 
-def uni_x_config_from_qwen(src_config: Qwen2Config, vocab: CodeVocab, **fields) -> UniXConfig:
-    """A `UniXConfig` with the source's architecture, our fields, and a vocabulary covering the image codes."""
+def joint_vocab_rows(source_rows: int, vocab: CodeVocab, layout: str = "compact",
+                     pad_to_multiple_of: int = 64) -> tuple[int, int]:
+    """``(rows kept from the source, vocab_size)`` of a converted model (layouts in the module docstring).
+
+    >>> qwen25 = CodeVocab(151665, (8192,), 151652, 151653)
+    >>> joint_vocab_rows(151936, qwen25), joint_vocab_rows(151936, qwen25, "reference")
+    ((151665, 159872), (151936, 160128))
+    """
+    if layout not in VOCAB_LAYOUTS:
+        raise ValueError(f"vocab_layout={layout!r}: choose one of {VOCAB_LAYOUTS}")
+    if pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of} must be >= 1 (1: no padding)")
+    if source_rows < vocab.image_offset:
+        raise ValueError(f"the source has {source_rows} embedding rows but image_offset={vocab.image_offset} "
+                         "(len(tokenizer)): the tokenizer has ids the checkpoint has no rows for")
+    if layout == "compact":
+        kept, rows = vocab.image_offset, vocab.total_vocab_size
+    else:
+        kept, rows = source_rows, source_rows + vocab.total_vocab_size - vocab.image_offset
+    return kept, -(-rows // pad_to_multiple_of) * pad_to_multiple_of
+
+
+@torch.no_grad()
+def _init_vocabulary_rows(model: UniXForCausalLM, source_state: dict, kept: int, seed: int) -> None:
+    """Source rows ``[0, kept)`` into the embedding (and untied head), new rows by transformers' mean resizing.
+
+    Shrinking to ``kept`` rows and growing back with ``resize_token_embeddings(mean_resizing=True)`` makes the kept
+    rows exactly the "old rows" whose mean and covariance transformers samples from, and resizes a tied or untied
+    head as transformers does.
+    """
+    vocab_size = model.config.vocab_size
+    model.resize_token_embeddings(kept)
+    embed = source_state["model.embed_tokens.weight"]
+    model.get_input_embeddings().weight.copy_(embed[:kept])
+    if not model.config.tie_word_embeddings:
+        model.get_output_embeddings().weight.copy_(source_state.get("lm_head.weight", embed)[:kept])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.resize_token_embeddings(vocab_size, mean_resizing=True)
+
+
+def uni_x_config_from_qwen(src_config: Qwen2Config, vocab: CodeVocab, vocab_layout: str = "compact",
+                           pad_to_multiple_of: int = 64, **fields) -> UniXConfig:
+    """A `UniXConfig` with the source's architecture, our fields, and the vocabulary of `joint_vocab_rows`."""
     d = src_config.to_dict()
     for key in ("layer_types", "auto_map"):  # Qwen2-only keys: our layer kinds are derived from our fields
         d.pop(key, None)
     d.update({k: v for k, v in fields.items() if v is not None})
+    d["vocab_size"] = joint_vocab_rows(src_config.vocab_size, vocab, vocab_layout, pad_to_multiple_of)[1]
     return UniXConfig.from_dict_with_vocab(d, vocab)
 
 
 @torch.no_grad()
-def convert_qwen(source: Qwen2ForCausalLM, config: UniXConfig) -> UniXForCausalLM:
-    """Build a ``config.variant`` model initialised from an in-memory Qwen2 model (see the module docstring)."""
+def convert_qwen(source: Qwen2ForCausalLM, config: UniXConfig, vocab_layout: str = "compact",
+                 seed: int = 0) -> UniXForCausalLM:
+    """Build a ``config.variant`` model initialised from an in-memory Qwen2 model (see the module docstring);
+    ``config`` comes from `uni_x_config_from_qwen` with the same ``vocab_layout``."""
     model = UniXForCausalLM(config).to(source.dtype)
     state = source.state_dict()
     embed_key, head_key = "model.embed_tokens.weight", "lm_head.weight"
@@ -84,9 +139,8 @@ def convert_qwen(source: Qwen2ForCausalLM, config: UniXConfig) -> UniXForCausalL
     missing, unexpected = model.load_state_dict(body, strict=False)
     if unexpected:
         raise ValueError(f"source keys with no place in the {config.variant} model: {unexpected[:5]}")
-    _expand_rows(state[embed_key], model.model.embed_tokens.weight, config.code_vocab)
-    if not config.tie_word_embeddings:
-        _expand_rows(state.get(head_key, state[embed_key]), model.lm_head.weight, config.code_vocab)
+    kept, _ = joint_vocab_rows(state[embed_key].shape[0], config.code_vocab, vocab_layout)
+    _init_vocabulary_rows(model, state, kept, seed)
     copied = _copy_vision_branches(model, config)
     left_random = [k for k in missing if k not in copied and k not in (embed_key, head_key)]
     if left_random:
@@ -164,6 +218,9 @@ def convert(
     from_config: str | None = None,
     to_dense: bool = False,
     dtype: str = "auto",
+    vocab_layout: str = "compact",
+    pad_to_multiple_of: int = 64,
+    seed: int = 0,
 ) -> str:
     """Write a checkpoint to ``dst`` that loads with ``from_pretrained``; returns ``dst``.
 
@@ -173,6 +230,9 @@ def convert(
         tokenizer_dir: sets image_offset = len(tokenizer) and the vision token ids; else use ``image_offset``.
         from_config: build a random-init model from this UniXConfig JSON instead of converting (tiny presets).
         to_dense: export a dense Qwen2 from a dense/MoT/MoE checkpoint (exact cases only).
+        vocab_layout: ``compact`` or ``reference`` rows for the new ids (module docstring).
+        pad_to_multiple_of: ``vocab_size`` is rounded up to a multiple of this (1: no padding rows).
+        seed: seeds the sampling of the new rows.
     """
     if from_config is not None:
         model = build_model(UniXConfig.from_json_file(from_config))
@@ -187,9 +247,10 @@ def convert(
         config = uni_x_config_from_qwen(
             source.config, vocab, variant=variant, vision_encode_layers=vision_encode_layers,
             vision_decode_layers=vision_decode_layers, ffn_vision_size=ffn_vision_size,
-            all_modal_visible=all_modal_visible, moe_every_k=moe_every_k,
+            all_modal_visible=all_modal_visible, moe_every_k=moe_every_k, vocab_layout=vocab_layout,
+            pad_to_multiple_of=pad_to_multiple_of,
         )
-        model = convert_qwen(source, config)
+        model = convert_qwen(source, config, vocab_layout, seed)
         if tokenizer is not None:  # with the vision tokens if they had to be added
             tokenizer.save_pretrained(dst)
     Path(dst).mkdir(parents=True, exist_ok=True)  # only now: a failed conversion leaves nothing behind

@@ -33,13 +33,13 @@ def test_converted_uni_x_equals_source_on_text(tmp_path, tied):
     src = _source(tmp_path, tied)
     base = Qwen2ForCausalLM.from_pretrained(src, attn_implementation="eager")
     uni_x = _convert(src, tmp_path / "uni_x", "uni_x", vision_encode_layers=1, vision_decode_layers=2)
-    assert uni_x.config.vocab_size == TEXT_VOCAB + NUM_CODES and uni_x.config.tie_word_embeddings == tied
+    # 96 text ids + 64 codes = 160, padded to a multiple of 64
+    assert uni_x.config.vocab_size == 192 and uni_x.config.tie_word_embeddings == tied
+    assert uni_x.get_input_embeddings().weight.shape[0] == uni_x.get_output_embeddings().weight.shape[0] == 192
     ids = torch.tensor([documents()[0] + documents()[4]])  # text only
     want = base(ids, use_cache=False).logits[..., :TEXT_VOCAB]
     got = uni_x(ids, use_cache=False).logits
     assert (got[..., :TEXT_VOCAB] - want).abs().max() < 1e-5
-    emb = uni_x.get_input_embeddings().weight
-    torch.testing.assert_close(emb[TEXT_VOCAB], emb[:TEXT_VOCAB].mean(0))  # image rows: mean of the text rows
 
 
 @pytest.mark.parametrize("variant, kw", [("mot", {}), ("moe", {"moe_every_k": 2}),
@@ -95,3 +95,92 @@ def test_vision_ids_outside_a_small_vocabulary_fail_before_writing(tmp_path):
     with pytest.raises(ValueError, match="vision_start_token_id.*--tokenizer_dir"):
         convert(dst=str(tmp_path / "out"), src=src, num_image_tokens=NUM_CODES, image_offset=TEXT_VOCAB)
     assert not (tmp_path / "out").exists()
+
+
+STAT_TEXT, STAT_CODES, STAT_DIM = 1000, 2000, 64
+
+
+def _anisotropic_rows(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Rows with a non-zero mean and a strongly non-isotropic covariance (scales 0.1..3 in a random basis)."""
+    basis, _ = torch.linalg.qr(torch.randn(STAT_DIM, STAT_DIM, generator=gen))
+    scale = torch.linspace(0.1, 3.0, STAT_DIM)
+    return torch.randn(STAT_DIM, generator=gen) + (torch.randn(n, STAT_DIM, generator=gen) * scale) @ basis
+
+
+def _stat_source(tied: bool, spare: int = 24) -> Qwen2ForCausalLM:
+    """A 64-d Qwen2 with 1,000 text rows and ``spare`` unused rows (like Qwen2.5's) of known statistics."""
+    gen = torch.Generator().manual_seed(0)
+    cfg = Qwen2Config(vocab_size=STAT_TEXT + spare, hidden_size=STAT_DIM, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    model = Qwen2ForCausalLM(cfg)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.copy_(_anisotropic_rows(cfg.vocab_size, gen))
+        if not tied:
+            model.get_output_embeddings().weight.copy_(_anisotropic_rows(cfg.vocab_size, gen) * 0.5 - 1)
+    return model
+
+
+def _convert_in_memory(source, layout: str = "compact", seed: int = 0):
+    from modeling.conversion import convert_qwen, uni_x_config_from_qwen
+    from modeling.vocab import CodeVocab
+
+    vocab = CodeVocab(STAT_TEXT, (STAT_CODES,), VISION_START, VISION_END)
+    config = uni_x_config_from_qwen(source.config, vocab, vocab_layout=layout, variant="dense")
+    return convert_qwen(source, config, layout, seed)
+
+
+def _covariance(rows: torch.Tensor) -> torch.Tensor:
+    centered = rows.double() - rows.double().mean(0)
+    return centered.T @ centered / rows.shape[0]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_new_rows_follow_transformers_mean_resizing(tied):
+    """Image-code rows are transformers' mean resizing of the text rows: each row different, sampled around the
+    text rows' mean with 1e-9 times their covariance, for the embedding and an untied head; vocab padded to 64."""
+    source = _stat_source(tied)
+    model = _convert_in_memory(source)
+    assert model.config.vocab_size == 3008 and model.config.vocab_size % 64 == 0  # 1,000 + 2,000 -> 3,008
+    pairs = [(source.get_input_embeddings().weight, model.get_input_embeddings().weight)]
+    if not tied:
+        pairs.append((source.get_output_embeddings().weight, model.get_output_embeddings().weight))
+    else:
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    for old, new in pairs:
+        old_rows, new_rows = old[:STAT_TEXT].detach(), new[STAT_TEXT:].detach()
+        torch.testing.assert_close(new[:STAT_TEXT], old_rows, atol=0, rtol=0)  # text rows untouched
+        assert new_rows.shape[0] == 2008 and torch.unique(new_rows, dim=0).shape[0] == 2008  # not all one vector
+        mean_error = (new_rows.double().mean(0) - old_rows.double().mean(0)).abs().max()
+        assert mean_error < 1e-4, mean_error
+        want = 1e-9 * _covariance(old_rows)
+        rel = torch.linalg.matrix_norm(_covariance(new_rows) - want) / torch.linalg.matrix_norm(want)
+        assert rel < 0.3, f"sample covariance is {rel:.2f} (relative Frobenius) away from 1e-9 * the old covariance"
+        assert not torch.equal(new[STAT_TEXT:STAT_TEXT + 24], old[STAT_TEXT:])  # spare rows replaced (compact)
+
+
+def test_new_rows_are_reproducible_by_seed():
+    source = _stat_source(tied=True)
+    first, again, other = (_convert_in_memory(source, seed=s).get_input_embeddings().weight for s in (0, 0, 1))
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    assert not torch.equal(other[STAT_TEXT:], first[STAT_TEXT:])
+
+
+def test_reference_layout_keeps_every_source_row_and_appends():
+    """The reference's resize_token_embeddings(source rows + codes): spare rows kept, new rows after them, and
+    Qwen2.5 + 8,192 codes gives its 160,128 rows (the compact default gives 159,872)."""
+    from modeling.conversion import joint_vocab_rows
+    from modeling.vocab import CodeVocab
+
+    qwen25 = CodeVocab(151665, (8192,), 151652, 151653)
+    assert joint_vocab_rows(151936, qwen25, "reference") == (151936, 160128)
+    assert joint_vocab_rows(151936, qwen25, "compact") == (151665, 159872)
+    assert joint_vocab_rows(151936, qwen25, "compact", pad_to_multiple_of=1) == (151665, 159857)
+    with pytest.raises(ValueError, match="vocab_layout='tight'"):
+        joint_vocab_rows(151936, qwen25, "tight")
+    source = _stat_source(tied=True)
+    model = _convert_in_memory(source, layout="reference")
+    old, new = source.get_input_embeddings().weight, model.get_input_embeddings().weight
+    assert new.shape[0] == model.config.vocab_size == 3072  # 1,024 + 2,000 = 3,024 -> 3,072
+    torch.testing.assert_close(new[:1024], old, atol=0, rtol=0)
+    mean_error = (new[1024:].double().mean(0) - old.double().mean(0)).abs().max()
+    assert mean_error < 1e-4 and torch.unique(new[1024:], dim=0).shape[0] == 3072 - 1024
