@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from transformers import Qwen2Config
+
 from modeling import UniXConfig, build_model
 
 TEXT_VOCAB = 96  # ids [0, 96) are text; 10/11 are <|vision_start|>/<|vision_end|>
@@ -28,6 +30,19 @@ def tiny_config(**overrides) -> UniXConfig:
     )
     fields.update(overrides)
     return UniXConfig(**fields)
+
+
+def stock_qwen2_config(config: UniXConfig, intermediate_size: int | None = None) -> Qwen2Config:
+    """A stock Qwen2 config with the architecture of ``config`` (eager attention), for stock reference modules."""
+    cfg = Qwen2Config(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+        intermediate_size=intermediate_size or config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
+        max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
+        rope_parameters=dict(config.rope_parameters), tie_word_embeddings=config.tie_word_embeddings,
+    )
+    cfg._attn_implementation = "eager"
+    return cfg
 
 
 def tiny_model(name: str, attn: str = "eager", **overrides):

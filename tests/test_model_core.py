@@ -1,5 +1,5 @@
-"""Config validation, save/load, Uni-X 0+0 == dense, routing exactness, gradients on one-modality batches,
-every parameter trains, gradient checkpointing."""
+"""Config validation (incl. sliding window, legacy names), save/load, dense and Uni-X 0+0 == stock Qwen2,
+routing exactness, gradients on one-modality batches, every parameter trains, gradient checkpointing."""
 
 from __future__ import annotations
 
@@ -8,10 +8,19 @@ import warnings
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, Qwen2ForCausalLM
 
 from modeling import UniXConfig, UniXForCausalLM
-from tests.model_fixtures import VARIANTS, documents, image_ids, pack, text_ids, tiny_config, tiny_model
+from tests.model_fixtures import (
+    VARIANTS,
+    documents,
+    image_ids,
+    pack,
+    stock_qwen2_config,
+    text_ids,
+    tiny_config,
+    tiny_model,
+)
 
 
 @pytest.mark.parametrize(
@@ -27,7 +36,8 @@ from tests.model_fixtures import VARIANTS, documents, image_ids, pack, text_ids,
         (dict(variant="moe", moe_every_k=0), "moe_every_k=0 must be >= 1"),
         (dict(vision_start_token_id=500), "vision_start_id=500 must be a text id"),
         (dict(variant="mot", layer_kinds=["shared"] * 4), "disagrees with the kinds derived"),
-        (dict(use_sliding_window=True, sliding_window=64, max_window_layers=2), "use_sliding_window=True .*not supported"),
+        (dict(use_sliding_window=True, sliding_window=64, max_window_layers=2),
+         "use_sliding_window=True .*not supported"),
     ],
 )
 def test_config_validation_names_the_fields(overrides, message):
@@ -106,13 +116,21 @@ def test_checkpoint_saved_before_the_rename_loads_with_a_warning_and_resaves_ren
     assert type(reloaded) is UniXForCausalLM and type(reloaded.config) is UniXConfig
 
 
-def test_uni_x_without_separated_layers_equals_dense():
-    dense = tiny_model("dense")
-    uni_x = tiny_model("uni_x_amv0", vision_encode_layers=0, vision_decode_layers=0)
-    uni_x.load_state_dict(dense.state_dict())
-    batch = pack(documents())
-    diff = uni_x(**batch, use_cache=False).logits - dense(**batch, use_cache=False).logits
-    assert diff.abs().max() < 1e-5
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "uni_x_packed"])
+@pytest.mark.parametrize("name", ["dense", "uni_x_0_0"])
+def test_no_separated_layers_equals_stock_qwen2_per_document(name, attn):
+    """Dense, and Uni-X with 0+0 separated layers, on a packed row of mixed documents equal transformers' own
+    `Qwen2ForCausalLM` (the same weights, loaded by name) run on each document alone."""
+    overrides = dict(vision_encode_layers=0, vision_decode_layers=0) if name == "uni_x_0_0" else {}
+    model = tiny_model("uni_x_amv0" if overrides else "dense", attn, **overrides)
+    stock = Qwen2ForCausalLM(stock_qwen2_config(model.config)).eval()
+    stock.load_state_dict(model.state_dict(), strict=True)  # same names, nothing left over on either side
+    docs = documents(0) + documents(1)[2:4]
+    with torch.no_grad():
+        got = model(**pack(docs), use_cache=False).logits[0]
+        want = torch.cat([stock(torch.tensor([doc]), use_cache=False).logits[0] for doc in docs])
+    assert (got - want).abs().max() < 1e-5
+    assert (got[1:] - got[:-1]).abs().max() > 1e-3  # not a constant output that would match anything
 
 
 def _vision_params(model) -> dict[str, torch.nn.Parameter]:

@@ -1,0 +1,208 @@
+"""The model against independent naive references built from stock transformers modules only.
+
+Nothing here uses ``modeling.modality`` or ``modeling.layers``: the references re-derive each variant from its
+definition (DESIGN.md sections 2-3) with stock ``Qwen2DecoderLayer``/``Qwen2RotaryEmbedding`` modules that get the
+model's weights by name, one document at a time, so a routing, ordering, position or mask error in the model's
+packed paths cannot be reproduced by the reference.
+
+* Uni-X, ``all_modal_visible=0``: in a separated layer each modality of each document is gathered and run through
+  the stock layer of its branch (text weights / vision weights) with a plain causal mask over the gathered tokens and
+  their GLOBAL positions (their positions within the document); shared layers run the stock layer on the whole
+  document. Results are scattered back.
+* ``all_modal_visible=1``, MoT, MoE: token-wise, written out by hand: every token is normed and projected by its
+  own branch, RoPE at its document position, causal attention over the whole document, its own branch's o_proj,
+  norm and FFN (MoE: shared attention, FFN by modality).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.qwen2.modeling_qwen2 import (
+    Qwen2DecoderLayer,
+    Qwen2MLP,
+    Qwen2RMSNorm,
+    Qwen2RotaryEmbedding,
+    apply_rotary_pos_emb,
+)
+
+from tests.model_fixtures import (
+    NUM_CODES,
+    TEXT_VOCAB,
+    VISION_START,
+    documents,
+    pack,
+    stock_qwen2_config,
+    tiny_model,
+)
+
+IMPLEMENTATIONS = ["eager", "sdpa", "uni_x_packed"]
+ATOL = 1e-5
+
+
+# ------------------------------------------------------------------ stock modules with the model's weights
+def _stock_layer(config, intermediate_size: int, layer_idx: int, state: dict) -> Qwen2DecoderLayer:
+    layer = Qwen2DecoderLayer(stock_qwen2_config(config, intermediate_size), layer_idx).eval()
+    layer.load_state_dict(state, strict=True)  # every stock parameter comes from the model, by name
+    return layer
+
+
+def _sub_state(model, prefix: str, drop: tuple[str, ...] = ()) -> dict:
+    """The model's parameters under ``prefix`` (prefix removed), without the sub-trees in ``drop``."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith(prefix):
+            rest = name[len(prefix):]
+            if not rest.startswith(drop):
+                out[rest] = tensor
+    return out
+
+
+def _branches(model):
+    """Per layer: (kind, text stock layer, vision stock layer or None, vision MLP or None), from the variant fields."""
+    cfg = model.config
+    n = cfg.num_hidden_layers
+    share, vision_ffn = cfg.ffn_share_size or cfg.intermediate_size, cfg.ffn_vision_size or cfg.intermediate_size
+    if cfg.variant == "uni_x":
+        separated = set(range(cfg.vision_encode_layers)) | set(range(n - cfg.vision_decode_layers, n))
+    else:
+        separated = set(range(n)) if cfg.variant == "mot" else set()
+    out = []
+    for i in range(n):
+        prefix = f"model.layers.{i}."
+        text = _stock_layer(cfg, share, i, _sub_state(model, prefix, ("vision.", "vision_mlp.")))
+        vision = mlp = None
+        if i in separated:
+            vision = _stock_layer(cfg, vision_ffn, i, _sub_state(model, prefix + "vision."))
+        if cfg.variant == "moe" and (i + 1) % cfg.moe_every_k == 0:
+            mlp = Qwen2MLP(stock_qwen2_config(cfg, vision_ffn))
+            mlp.load_state_dict(_sub_state(model, prefix + "vision_mlp."), strict=True)
+        out.append((i, text, vision, mlp))
+    return out
+
+
+def _is_vision(ids: torch.Tensor) -> torch.Tensor:
+    """Vision tokens by definition: image codes and <|vision_start|>."""
+    return ((ids >= TEXT_VOCAB) & (ids < TEXT_VOCAB + NUM_CODES)) | (ids == VISION_START)
+
+
+def _causal_mask(n: int) -> torch.Tensor:
+    """Plain additive causal mask ``[1, 1, n, n]`` (eager form)."""
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()
+    return torch.zeros(n, n).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
+
+
+# ------------------------------------------------------------------ the references (one document at a time)
+def _final(model, h_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    norm = Qwen2RMSNorm(model.config.hidden_size, eps=model.config.rms_norm_eps)
+    norm.load_state_dict(_sub_state(model, "model.norm."))
+    hidden = norm(h_TD)
+    return hidden, F.linear(hidden, model.state_dict()["lm_head.weight"])
+
+
+def _naive_same_modality(model, doc: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uni-X with all_modal_visible=0: gather a modality, stock layer with global positions, scatter back."""
+    ids = torch.tensor(doc)
+    rope = Qwen2RotaryEmbedding(config=stock_qwen2_config(model.config, model.config.intermediate_size))
+    h = F.embedding(ids, model.state_dict()["model.embed_tokens.weight"])  # [T, D]
+    vision = _is_vision(ids)
+    for _, text_layer, vision_layer, _ in _branches(model):
+        if vision_layer is None:  # shared layer: the whole document
+            groups = [(torch.arange(len(doc)), text_layer)]
+        else:
+            groups = [(torch.nonzero(~vision).squeeze(1), text_layer), (torch.nonzero(vision).squeeze(1), vision_layer)]
+        out = h.clone()
+        for idx, layer in groups:
+            if idx.numel() == 0:
+                continue
+            x = h[idx][None]
+            cos_sin = rope(x, idx[None])  # the tokens' positions in the document, not 0..n-1 of the gathered run
+            out[idx] = layer(x, attention_mask=_causal_mask(idx.numel()), position_embeddings=cos_sin)[0]
+        h = out
+    return _final(model, h)
+
+
+def _naive_document_visible(model, doc: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """all_modal_visible=1 / MoT / MoE, token-wise: each token through its own branch, attention over the document."""
+    cfg = model.config
+    ids = torch.tensor(doc)
+    n, heads, kv_heads = len(doc), cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = cfg.hidden_size // heads
+    rope = Qwen2RotaryEmbedding(config=stock_qwen2_config(cfg, cfg.intermediate_size))
+    cos, sin = rope(torch.zeros(1, n, cfg.hidden_size), torch.arange(n)[None])
+    h = F.embedding(ids, model.state_dict()["model.embed_tokens.weight"])
+    vision = _is_vision(ids).tolist()
+    for _, text_layer, vision_layer, vision_mlp in _branches(model):
+        own = [vision_layer if (v and vision_layer is not None) else text_layer for v in vision]
+        q, k, v = [], [], []
+        for t in range(n):  # projections of each token by its own branch
+            x = own[t].input_layernorm(h[t])
+            q.append(own[t].self_attn.q_proj(x))
+            k.append(own[t].self_attn.k_proj(x))
+            v.append(own[t].self_attn.v_proj(x))
+        q = torch.stack(q).view(1, n, heads, head_dim).transpose(1, 2)
+        k = torch.stack(k).view(1, n, kv_heads, head_dim).transpose(1, 2)
+        v = torch.stack(v).view(1, n, kv_heads, head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k, v = k.repeat_interleave(heads // kv_heads, 1), v.repeat_interleave(heads // kv_heads, 1)
+        weights = (q @ k.transpose(-1, -2) / head_dim**0.5 + _causal_mask(n)).softmax(-1)
+        attn = (weights @ v).transpose(1, 2).reshape(n, heads * head_dim)
+        h = torch.stack([h[t] + own[t].self_attn.o_proj(attn[t]) for t in range(n)])
+        ffn_out = []
+        for t in range(n):
+            x = own[t].post_attention_layernorm(h[t])
+            mlp = vision_mlp if (vision[t] and vision_mlp is not None) else own[t].mlp
+            ffn_out.append(h[t] + mlp(x))
+        h = torch.stack(ffn_out)
+    return _final(model, h)
+
+
+def _reference(model, docs, naive) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        pieces = [naive(model, doc) for doc in docs]
+    return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
+
+
+def _packed(model, docs) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        out = model(**pack(docs), use_cache=False, output_hidden_states=True)
+    return out.hidden_states[-1][0], out.logits[0]
+
+
+def _max_diff(a, b) -> float:
+    return float((a - b).abs().max())
+
+
+# several mixed documents: text only, image only, text->image->text, image->text, 1 token, and a second draw
+DOCS = documents(0) + documents(1)[2:4]
+
+
+@pytest.mark.parametrize("attn", IMPLEMENTATIONS)
+def test_uni_x_same_modality_equals_naive_gather_scatter_reference(attn):
+    model = tiny_model("uni_x_amv0", attn, num_hidden_layers=5, vision_encode_layers=2, vision_decode_layers=1)
+    want_hidden, want_logits = _reference(model, DOCS, _naive_same_modality)
+    hidden, logits = _packed(model, DOCS)
+    assert _max_diff(hidden, want_hidden) < ATOL and _max_diff(logits, want_logits) < ATOL
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("uni_x_amv1", dict(num_hidden_layers=5, vision_encode_layers=2, vision_decode_layers=1)),
+    ("mot", {}),
+    ("moe", {}),
+])
+@pytest.mark.parametrize("attn", IMPLEMENTATIONS)
+def test_document_visible_variants_equal_naive_token_wise_reference(name, overrides, attn):
+    model = tiny_model(name, attn, **overrides)
+    want_hidden, want_logits = _reference(model, DOCS, _naive_document_visible)
+    hidden, logits = _packed(model, DOCS)
+    assert _max_diff(hidden, want_hidden) < ATOL and _max_diff(logits, want_logits) < ATOL
+
+
+def test_references_tell_the_visibility_rules_apart():
+    """The two references disagree on the same weights by far more than the tolerance, so each comparison above
+    can fail: a model that attended across modalities (or not) where it must not would be caught."""
+    model = tiny_model("uni_x_amv0", "eager", num_hidden_layers=5, vision_encode_layers=2, vision_decode_layers=1)
+    same, _ = _reference(model, DOCS, _naive_same_modality)
+    document, _ = _reference(model, DOCS, _naive_document_visible)
+    assert _max_diff(same, document) > 1e3 * ATOL
