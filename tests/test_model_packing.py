@@ -98,6 +98,21 @@ def test_flash_varlen_equals_sdpa_on_gpu():
     torch.testing.assert_close(model(**batch, use_cache=False).logits, ref, atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-attn varlen needs a GPU")
+def test_fp32_model_under_bf16_autocast_runs_flash_and_fp32_alone_stays_exact_on_gpu():
+    """flash-attn rejects fp32: under bf16 autocast q/k/v are cast (RoPE upcasts them to fp32), without autocast an
+    fp32 model keeps the exact sdpa loop (see `modeling.attention.flash_plan`)."""
+    pytest.importorskip("flash_attn")
+    model = tiny_model("uni_x_amv0", "sdpa").cuda()
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in pack(documents()).items()}
+    ref = model(**batch, use_cache=False).logits
+    model.set_attn_implementation("uni_x_packed")
+    torch.testing.assert_close(model(**batch, use_cache=False).logits, ref, atol=1e-5, rtol=1e-4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = model(**batch, use_cache=False).logits
+    torch.testing.assert_close(got.float(), ref, atol=3e-2, rtol=3e-2)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
 def test_uni_x_fa_varlen_without_flash_attn_names_the_package_and_the_fallback():
     model = tiny_model("uni_x_amv0", "uni_x_fa_varlen")
