@@ -33,7 +33,6 @@ import io
 import json
 import os
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ from data_process.data_config import DataConfig, DatasetSpec, load_data_config
 from data_process.schema import AtomicShardWriter, ImageCodes, Record, RecordError, atomic_write_text, record_from_dict
 from modeling.vq import IMAGE_TOKENIZERS, ImageTokenizer, load_image_tokenizer
 from modeling.vq.base import file_hash
+from uni_arch.log_setup import setup_logging
 
 if TYPE_CHECKING:
     from modeling.vq.preprocess import AnchorSet
@@ -402,15 +402,8 @@ def finalize(opts: EncodeOptions, config: DataConfig, header: dict[str, Any]) ->
 
 
 # ------------------------------------------------------------------------------------------ entry points
-def _setup_logging(rank: int, level: str = "INFO") -> None:
-    """Sinks are configured here only (entry points); tqdm.write keeps progress bars intact."""
-    logger.remove()
-    logger.add(lambda msg: tqdm.write(msg, end="", file=sys.stderr), level=level,
-               format=f"<green>{{time:HH:mm:ss}}</green> | {{level: <7}} | encode[{rank}] | {{message}}")
-
-
 def _spawned_worker(rank: int, world: int, opts: EncodeOptions, threads: int, queue: Any) -> None:
-    _setup_logging(rank)
+    setup_logging(rank, tag="encode", all_ranks=True)  # every worker reports its own shards
     torch.set_num_threads(threads)
     queue.put(asdict(run_worker(rank, world, opts)))
 
@@ -502,7 +495,7 @@ def main() -> None:
     """fire entry point: configure logging once, run, print the summary as one json line on stdout."""
     import fire
 
-    _setup_logging(int(os.environ.get("RANK", 0)))
+    setup_logging(tag="encode", all_ranks=True)
     fire.Fire(encode, serialize=lambda summary: json.dumps(summary))
 
 

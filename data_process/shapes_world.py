@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -213,8 +211,9 @@ def detector_accuracy(num_images: int = 1000, seed: int = 12345, image_size: int
 
 
 def main() -> None:
-    logger.remove()
-    logger.add(sys.stderr, level=os.environ.get("LOGURU_LEVEL", "INFO"))
+    from uni_arch.log_setup import setup_logging
+
+    setup_logging()
     import fire  # entry point only: importing the API must not need the CLI's dependencies
 
     fire.Fire({"build": build, "detector_accuracy": detector_accuracy})

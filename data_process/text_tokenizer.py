@@ -3,7 +3,9 @@
 Both are transformers fast tokenizers saved with ``save_pretrained`` (``AutoTokenizer.from_pretrained(dir)``
 loads them), carry the vision special tokens by *name* (``<|vision_start|>``, ``<|vision_end|>``) and the chat
 template of ``configs/chat_templates/chatml.jinja``, so :meth:`modeling.vocab.CodeVocab.from_tokenizer` and the
-sample builders treat them the same. Image codes always start at ``len(tokenizer)`` (DESIGN.md section 2).
+sample builders treat them the same. Image codes always start at ``len(tokenizer)`` (151,665 for Qwen2.5, as in the
+reference checkpoints); the any-resolution size tags are not tokenizer tokens: they follow the image codes and
+:class:`~modeling.vocab.CodeVocab` maps them (the whole id layout is the table in ``modeling/vocab.py``).
 
 * :func:`train_shapes_tokenizer` -- byte-level BPE trained with ``tokenizers`` on any iterable of strings. It
   uses Qwen2.5's pre-tokenizer regex and NFC normaliser so that it splits text the way Qwen2.5 does (single
@@ -17,7 +19,7 @@ sample builders treat them the same. Image codes always start at ``len(tokenizer
 CLI::
 
     python data_process/text_tokenizer.py train --out_dir data/shapes/tokenizer --vocab_size 1024
-    python data_process/text_tokenizer.py qwen --out_dir data/qwen2.5_tokenizer [--add_size_tags]
+    python data_process/text_tokenizer.py qwen --out_dir data/qwen2.5_tokenizer
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from loguru import logger
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from modeling.vocab import UNCONDITIONAL, VISION_END, VISION_START, size_tag_tokens
+from modeling.vocab import UNCONDITIONAL, VISION_END, VISION_START
 
 DEFAULT_CHAT_TEMPLATE = Path(__file__).resolve().parents[1] / "configs" / "chat_templates" / "chatml.jinja"
 
@@ -105,9 +107,9 @@ def _save_atomically(tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathL
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def shapes_special_tokens(max_grid: int = 64) -> list[str]:
+def shapes_special_tokens() -> list[str]:
     """The shapes tokenizer's special tokens, in id order (ids 0..n-1)."""
-    return [ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, UNCONDITIONAL] + size_tag_tokens(max_grid)
+    return [ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, UNCONDITIONAL]
 
 
 # ------------------------------------------------------------------------------------------ shapes BPE
@@ -115,7 +117,6 @@ def train_shapes_tokenizer(
     texts: Iterable[str],
     out_dir: str | os.PathLike | None,
     vocab_size: int = 1024,
-    max_grid: int = 64,
     min_frequency: int = 2,
     chat_template_path: str | os.PathLike | None = None,
 ) -> PreTrainedTokenizerFast:
@@ -124,12 +125,12 @@ def train_shapes_tokenizer(
     ``vocab_size`` counts everything: the special tokens (ids ``0..n-1``, see :func:`shapes_special_tokens`), the
     256 byte symbols and the merges. A small corpus may saturate before ``vocab_size``; the result is then smaller.
     """
-    specials = shapes_special_tokens(max_grid)
+    specials = shapes_special_tokens()
     floor = len(specials) + 256
     if vocab_size <= floor:
         raise ValueError(
-            f"{vocab_size=} leaves no room for merges: {len(specials)} special tokens (max_grid={max_grid}) + 256 "
-            f"bytes = {floor}; use a larger vocab_size or a smaller max_grid"
+            f"{vocab_size=} leaves no room for merges: {len(specials)} special tokens + 256 bytes = {floor}; "
+            f"use a larger vocab_size"
         )
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     _qwen_style_pipeline(tok)
@@ -203,13 +204,11 @@ def check_qwen25_ids(tokenizer: PreTrainedTokenizerBase) -> None:
             raise ValueError(f"{content!r} has id {got}, Qwen2.5 has {QWEN25_FIRST_SPECIAL_ID + offset}")
 
 
-def load_qwen25_tokenizer(
-    add_size_tags: bool = False, max_grid: int = 64, cache_dir: str | os.PathLike | None = None
-) -> PreTrainedTokenizerFast:
+def load_qwen25_tokenizer(cache_dir: str | os.PathLike | None = None) -> PreTrainedTokenizerFast:
     """The Qwen2.5 tokenizer (``len == 151665``), converted once and cached under ``cache_dir``.
 
-    With ``add_size_tags`` the any-resolution tags of :func:`modeling.vocab.size_tag_tokens` are appended after id
-    151664, so the tokenizer grows to ``151665 + 2 * max_grid`` and image codes start at that length.
+    Nothing is ever appended: image code ``c`` must be token ``151665 + c`` as in the reference checkpoints, so size
+    tags are reserved after the codes by ``CodeVocab.from_tokenizer(..., max_grid=...)``, not added here.
     """
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     from modeling.vq.base import file_hash
@@ -229,8 +228,6 @@ def load_qwen25_tokenizer(
         _save_atomically(tokenizer, cached)
     if len(tokenizer) != QWEN25_LEN:
         raise ValueError(f"Qwen2.5 tokenizer at {cached} has {len(tokenizer)} tokens, expected {QWEN25_LEN}; delete it")
-    if add_size_tags:
-        _add_special(tokenizer, size_tag_tokens(max_grid))
     return tokenizer
 
 
@@ -249,17 +246,16 @@ def _token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int | None:
     return tid
 
 
-def add_vision_tokens(tokenizer: PreTrainedTokenizerBase, max_grid: int = 64, unconditional: bool = True) -> int:
-    """Add ``<|vision_start|>``, ``<|vision_end|>``, the size tags up to ``max_grid`` (0: none) and, with
-    ``unconditional``, ``<unconditional>`` to a third-party tokenizer, skipping those it already has.
+def add_vision_tokens(tokenizer: PreTrainedTokenizerBase, unconditional: bool = True) -> int:
+    """Add ``<|vision_start|>``, ``<|vision_end|>`` and, with ``unconditional``, ``<unconditional>`` to a
+    third-party tokenizer, skipping those it already has (size tags are the code vocabulary's, not added here).
 
     Returns how many tokens were added. Call it *before* building the :class:`~modeling.vocab.CodeVocab`: image
     codes start at ``len(tokenizer)``, so growing the text vocabulary afterwards would shift every image id.
     """
-    wanted = [VISION_START, VISION_END] + (size_tag_tokens(max_grid) if max_grid > 0 else [])
-    wanted += [UNCONDITIONAL] if unconditional else []
+    wanted = [VISION_START, VISION_END] + ([UNCONDITIONAL] if unconditional else [])
     added = _add_special(tokenizer, wanted)
-    logger.info(f"added {added} vision/size-tag tokens; tokenizer length is now {len(tokenizer)}")
+    logger.info(f"added {added} vision tokens; tokenizer length is now {len(tokenizer)}")
     return added
 
 
@@ -329,28 +325,24 @@ class _CLI:
 
     def train(
         self, out_dir: str = "data/shapes/tokenizer", vocab_size: int = 1024, n_scenes: int = 2000,
-        n_texts: int = 20000, seed: int = 0, max_grid: int = 64, min_frequency: int = 2,
+        n_texts: int = 20000, seed: int = 0, min_frequency: int = 2,
     ) -> str:  # fmt: skip
         """Train the shapes-world BPE and save it to ``out_dir``."""
         texts = itertools.chain(shapes_corpus(n_scenes, n_texts, seed), chat_format_texts())
-        tok = train_shapes_tokenizer(
-            texts, out_dir, vocab_size=vocab_size, max_grid=max_grid,
-            min_frequency=min_frequency,
-        )  # fmt: skip
+        tok = train_shapes_tokenizer(texts, out_dir, vocab_size=vocab_size, min_frequency=min_frequency)
         return f"{out_dir}: {len(tok)} tokens"
 
-    def qwen(self, out_dir: str = "data/qwen2.5_tokenizer", add_size_tags: bool = False, max_grid: int = 64) -> str:
+    def qwen(self, out_dir: str = "data/qwen2.5_tokenizer") -> str:
         """Convert the Qwen2.5 tokenizer offline and save it to ``out_dir`` (a normal save_pretrained dir)."""
-        tok = load_qwen25_tokenizer(add_size_tags=add_size_tags, max_grid=max_grid)
+        tok = load_qwen25_tokenizer()
         _save_atomically(tok, out_dir)
         return f"{out_dir}: {len(tok)} tokens"
 
 
 if __name__ == "__main__":
-    import sys
-
     import fire
 
-    logger.remove()
-    logger.add(sys.stderr, level="INFO")
+    from uni_arch.log_setup import setup_logging
+
+    setup_logging()
     fire.Fire(_CLI)

@@ -382,8 +382,9 @@ def main() -> None:
     """CLI entry point: configure the log sink here only, then hand the flags to :func:`train_vq` through fire."""
     import fire
 
-    logger.remove()
-    logger.add(sys.stderr, level=os.environ.get("LOGURU_LEVEL", "INFO"))
+    from uni_arch.log_setup import setup_logging
+
+    setup_logging()
     fire.Fire(train_vq, serialize=lambda out: json.dumps(out, indent=2) if isinstance(out, dict) else out)
 
 

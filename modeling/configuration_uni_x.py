@@ -13,7 +13,8 @@ Layer kinds:
     ``mot``        Mixture-of-Transformers layer: like ``separated`` but always globally visible
     ``moe``        shared attention and norms, FFN hard-routed by modality (text FFN / vision FFN)
 
-Vocabulary fields (``image_offset``, ``image_level_sizes``, ``vision_start_token_id``, ``vision_end_token_id``) are
+Vocabulary fields (``image_offset``, ``image_level_sizes``, ``vision_start_token_id``, ``vision_end_token_id``,
+``image_max_grid``: the layout table is in ``modeling/vocab.py``) are
 placeholders in the tiny preset: the training code overwrites them from the text tokenizer (``len(tokenizer)``, the
 vision special-token ids) and the image tokenizer (codebook sizes) before building the model, then sets
 ``vocab_size = max(vocab_size, code_vocab.total_vocab_size)``; ``UniXConfig.with_vocab`` does exactly that.
@@ -66,8 +67,8 @@ class UniXConfig(Qwen2Config):
         ffn_share_size: FFN width of shared and text branches (``None`` -> ``intermediate_size``).
         all_modal_visible: Uni-X separated layers: 0 attend within the token's own modality, 1 to the whole document.
         moe_every_k: MoE only; layer ``i`` (0-based) is an expert layer iff ``(i + 1) % moe_every_k == 0``.
-        image_offset, image_level_sizes, vision_start_token_id, vision_end_token_id: the joint vocabulary layout
-            (see `modeling.vocab.CodeVocab`).
+        image_offset, image_level_sizes, vision_start_token_id, vision_end_token_id, image_max_grid: the joint
+            vocabulary layout (see `modeling.vocab.CodeVocab`; ``image_max_grid`` size tags follow the codes).
         layer_kinds: derived; if given (from a saved config.json) it must equal the derived list.
     """
 
@@ -87,6 +88,7 @@ class UniXConfig(Qwen2Config):
     image_level_sizes: list[int] | tuple[int, ...] = (8192,)
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
+    image_max_grid: int = 0
     layer_kinds: list[str] | None = None
 
     def __post_init__(self, **kwargs):
@@ -136,7 +138,8 @@ class UniXConfig(Qwen2Config):
         if vocab.total_vocab_size > self.vocab_size:
             raise ValueError(
                 f"UniXConfig: vocab_size={self.vocab_size} does not cover the image codes: image_offset="
-                f"{self.image_offset} + sum(image_level_sizes)={vocab.num_image_tokens} = {vocab.total_vocab_size}"
+                f"{self.image_offset} + sum(image_level_sizes)={vocab.num_image_tokens} + 2 * image_max_grid="
+                f"{2 * vocab.max_grid} = {vocab.total_vocab_size}"
             )
         derived = derive_layer_kinds(
             self.variant, self.num_hidden_layers, self.vision_encode_layers, self.vision_decode_layers, self.moe_every_k
@@ -158,10 +161,11 @@ class UniXConfig(Qwen2Config):
                 tuple(self.image_level_sizes),
                 int(self.vision_start_token_id),
                 int(self.vision_end_token_id),
+                int(self.image_max_grid),
             )
         except ValueError as e:
             raise ValueError(f"UniXConfig: invalid vocabulary fields (image_offset, image_level_sizes, "
-                             f"vision_start_token_id, vision_end_token_id): {e}") from e
+                             f"vision_start_token_id, vision_end_token_id, image_max_grid): {e}") from e
 
     @property
     def vision_ffn_size(self) -> int:
@@ -193,6 +197,7 @@ class UniXConfig(Qwen2Config):
             image_level_sizes=list(vocab.level_sizes),
             vision_start_token_id=vocab.vision_start_id,
             vision_end_token_id=vocab.vision_end_id,
+            image_max_grid=vocab.max_grid,
             vocab_size=max(d["vocab_size"], vocab.total_vocab_size),
         )
         return cls(**d)

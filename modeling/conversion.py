@@ -191,7 +191,7 @@ def to_dense_qwen(model: UniXForCausalLM) -> Qwen2ForCausalLM:
     d = config.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "layer_kinds", "variant",
                 "vision_encode_layers", "vision_decode_layers", "ffn_vision_size", "ffn_share_size",
-                "all_modal_visible", "moe_every_k", "image_offset", "image_level_sizes"):
+                "all_modal_visible", "moe_every_k", "image_offset", "image_level_sizes", "image_max_grid"):
         d.pop(key, None)
     d["intermediate_size"] = config.share_ffn_size
     dense = Qwen2ForCausalLM(Qwen2Config(**d)).to(model.dtype)

@@ -26,13 +26,9 @@ from modeling.vocab import CodeVocab
 
 
 def vision_token_mask(input_ids_BT: torch.Tensor, vocab: CodeVocab) -> torch.Tensor:
-    """The one definition of a vision token: an image code id or ``<|vision_start|>``; everything else is text.
-
-    ``<|vision_start|>`` is vision because the vision branch predicts the first code from it; ``<|vision_end|>`` is
-    text because the text branch predicts what follows an image.
-    """
-    start, end = vocab.image_token_range
-    return ((input_ids_BT >= start) & (input_ids_BT < end)) | (input_ids_BT == vocab.vision_start_id)
+    """Bool mask of vision tokens: ``<|vision_start|>``, size tags and image codes (``CodeVocab.is_vision_id``, the
+    one definition, shared with the samples' ``modality``); ``<|vision_end|>`` and everything else is text."""
+    return vocab.is_vision_id(input_ids_BT)
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,9 @@ from transformers import PreTrainedTokenizerFast
 
 from data_process.schema import ImageCodes, Record
 from data_process.text_tokenizer import load_qwen25_tokenizer, train_shapes_tokenizer
-from modeling.vocab import CodeVocab, size_tag_tokens
+from modeling.vocab import IGNORE_INDEX, CodeVocab
 from uni_arch.train.templates import (
     DEFAULT_TEMPLATE_DIR,
-    IGNORE_INDEX,
     ChatFormat,
     SampleBuilder,
     SampleError,
@@ -26,7 +25,6 @@ from uni_arch.train.templates import (
 
 M = IGNORE_INDEX
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<unconditional>"]
-SPECIALS += size_tag_tokens(4)
 EOT, IMS, IME, VS, VE, UNCOND = range(6)
 WORDS = ["[UNK]", "\n", " ", ".", "?", "!", "user", "assistant", "system", "a", "red", "circle", "Generate", "an", "image",
          "based", "on", "this", "description", "Describe", "what", "colour", "it", "is", "blue", "square", "make", "hi",
@@ -58,7 +56,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def vocab(tok):
-    return CodeVocab.from_tokenizer(tok, [8, 4])
+    return CodeVocab.from_tokenizer(tok, [8, 4], max_grid=4)  # size tags <height_1..4><width_1..4> after the codes
 
 
 @pytest.fixture(scope="module")
@@ -192,22 +190,63 @@ def test_system_prompt_and_multilevel_codes(tok, vocab):
 
 
 # ------------------------------------------------------------------------------------------- size tags
+TAGS = N_TEXT + 12  # <height_1> (codes use 8 + 4 ids); <width_w> is TAGS + 4 + w - 1
+
+
 def test_size_tags(tok, vocab):
     image = img([1, 2, 3, 4], grid=(1, 4))
     rec = Record("s", "t2i", text="a red circle", images=[image])
     tagged = SampleBuilder(tok, vocab, size_tags=True, cfg_dropout=0.0).build(rec, random.Random(0))
     (start, end), = tagged.image_spans
-    assert tagged.input_ids[start:end] == [VS, V["<height_1>"], V["<width_4>"]] + codes(1, 2, 3, 4) + [VE]
-    assert tagged.modality[start:end] == [1, 0, 0, 1, 1, 1, 1, 0]
+    assert tagged.input_ids[start:end] == [VS, TAGS, TAGS + 4 + 3] + codes(1, 2, 3, 4) + [VE]
     assert tagged.labels[start:end] == [M] + tagged.input_ids[start + 1 : end]
     odd = SampleBuilder(tok, vocab, fixed_grid=(2, 2), cfg_dropout=0.0).build(rec, random.Random(0))
     assert odd.input_ids == tagged.input_ids  # grid differs from the native one: tagged anyway
     native = Record("n", "t2i", text="a red circle", images=[img([1, 2, 3, 4])])
     plain = SampleBuilder(tok, vocab, fixed_grid=(2, 2), cfg_dropout=0.0).build(native, random.Random(0))
-    assert V["<height_2>"] not in plain.input_ids
+    assert not vocab.is_size_tag_id(plain.input_ids).any()
     big = Record("b", "t2i", text="a red circle", images=[img([0] * 10, grid=(2, 5))])
-    with pytest.raises(SampleError, match=r"record 'b': images\[0\]: tokenizer has no <width_5> size tag"):
+    with pytest.raises(SampleError, match=r"record 'b': images\[0\]: grid 2x5 has no size tag.*up to 4x4"):
         SampleBuilder(tok, vocab, size_tags=True).build(big, random.Random(0))
+    with pytest.raises(ValueError, match="reserves no size tags"):
+        SampleBuilder(tok, CodeVocab.from_tokenizer(tok, [8, 4]), size_tags=True)
+
+
+def test_size_tagged_block_is_vision_in_samples_and_in_the_model_routing(tok, vocab, monkeypatch):
+    """``<|vision_start|> <h><w> codes <|vision_end|>``: start, tags and codes are vision both in the sample's
+    ``modality`` and in the routing the Uni-X model builds in its forward (token by token, the same mask), so with
+    ``all_modal_visible=0`` the tags and the first code are predicted in the vision branch that sees
+    ``<|vision_start|>`` (issue 8: the tags were text and could not see it)."""
+    import torch
+
+    from modeling import UniXConfig, build_model
+    from modeling.modality import ModalityRouting
+
+    conv = [{"from": "human", "value": "<image>what colour is it?"}, {"from": "gpt", "value": "blue"}]
+    rec = Record("c", "conversation", conversations=conv, images=[img([1, 2, 3, 4], grid=(2, 2))])
+    s = SampleBuilder(tok, vocab, size_tags=True).build(rec, random.Random(0))
+    (start, end), = s.image_spans
+    assert s.input_ids[start:end] == [VS, TAGS + 1, TAGS + 4 + 1] + codes(1, 2, 3, 4) + [VE]
+    assert s.modality[start:end] == [1, 1, 1, 1, 1, 1, 1, 0]
+    assert sum(s.modality) == 7  # nothing outside the block is vision
+
+    config = UniXConfig.from_dict_with_vocab(dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        vision_encode_layers=1, vision_decode_layers=1, all_modal_visible=0, vocab_size=16), vocab)
+    config = UniXConfig.from_dict(config.to_dict())  # the size tags survive config.json
+    assert config.code_vocab == vocab and config.vocab_size == vocab.total_vocab_size
+    seen = []
+    build = ModalityRouting.build.__func__
+
+    def spy(cls, vision_BT, *args, **kwargs):
+        seen.append(vision_BT.clone())
+        return build(cls, vision_BT, *args, **kwargs)
+
+    monkeypatch.setattr(ModalityRouting, "build", classmethod(spy))
+    model = build_model(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([s.input_ids]), use_cache=False)
+    assert seen and seen[0][0].int().tolist() == s.modality
 
 
 # ---------------------------------------------------------------------------------------------- errors

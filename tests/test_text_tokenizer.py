@@ -17,7 +17,7 @@ from data_process.text_tokenizer import (
     shapes_special_tokens,
     train_shapes_tokenizer,
 )
-from modeling.vocab import CodeVocab, size_tag_tokens
+from modeling.vocab import DEFAULT_MAX_GRID, CodeVocab
 
 CORPUS = [
     "two red circles left of a blue square",
@@ -31,7 +31,7 @@ CORPUS = [
 @pytest.fixture(scope="module")
 def shapes_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes_tok") / "tokenizer"
-    train_shapes_tokenizer(CORPUS, out, vocab_size=400, max_grid=8)
+    train_shapes_tokenizer(CORPUS, out, vocab_size=400)
     return out
 
 
@@ -43,13 +43,13 @@ def qwen_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qwen(qwen_cache):
-    return load_qwen25_tokenizer(add_size_tags=True, max_grid=4, cache_dir=qwen_cache)
+    return load_qwen25_tokenizer(cache_dir=qwen_cache)
 
 
 # ------------------------------------------------------------------------------------------ shapes BPE
 def test_shapes_tokenizer_loads_with_autotokenizer_and_keeps_specials(shapes_dir):
     tok = AutoTokenizer.from_pretrained(shapes_dir)
-    specials = shapes_special_tokens(8)
+    specials = shapes_special_tokens()
     assert [tok.convert_tokens_to_ids(t) for t in specials] == list(range(len(specials)))
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
     assert 256 + len(specials) < len(tok) <= 400
@@ -64,7 +64,7 @@ def test_shapes_tokenizer_loads_with_autotokenizer_and_keeps_specials(shapes_dir
 
 
 def test_shapes_tokenizer_training_is_deterministic(shapes_dir, tmp_path):
-    train_shapes_tokenizer(CORPUS, tmp_path / "again", vocab_size=400, max_grid=8)
+    train_shapes_tokenizer(CORPUS, tmp_path / "again", vocab_size=400)
     first = json.loads((shapes_dir / "tokenizer.json").read_text())["model"]
     second = json.loads((tmp_path / "again" / "tokenizer.json").read_text())["model"]
     assert first["vocab"] == second["vocab"] and first["merges"] == second["merges"]
@@ -76,20 +76,22 @@ def test_shapes_tokenizer_digits_split_like_qwen(shapes_dir):
     assert pieces == ["1", "2", "3"]
 
 
-def test_shapes_tokenizer_default_has_size_tags_to_64(tmp_path):
+def test_shapes_tokenizer_has_no_size_tag_tokens(tmp_path):
+    """Size tags belong to the code vocabulary (after the codes), never to a tokenizer."""
     tok = train_shapes_tokenizer(CORPUS[:5], None, vocab_size=500)
-    assert tok.convert_tokens_to_ids("<height_64>") is not None
-    assert tok.convert_tokens_to_ids("<width_64>") == len(shapes_special_tokens(64)) - 1
+    assert tok.convert_tokens_to_ids("<height_1>") is None and len(shapes_special_tokens()) == 6
+    vocab = CodeVocab.from_tokenizer(tok, [64], max_grid=8)
+    assert vocab.size_tag_ids((1, 8)) == [len(tok) + 64, len(tok) + 64 + 8 + 7]
     assert not (tmp_path / "tokenizer").exists()
 
 
 def test_shapes_tokenizer_errors():
     with pytest.raises(ValueError, match="leaves no room for merges"):
-        train_shapes_tokenizer(CORPUS, None, vocab_size=300, max_grid=64)
+        train_shapes_tokenizer(CORPUS, None, vocab_size=262)
     with pytest.raises(ValueError, match="empty"):
-        train_shapes_tokenizer([], None, vocab_size=400, max_grid=8)
+        train_shapes_tokenizer([], None, vocab_size=400)
     with pytest.raises(TypeError, match="text #1 is int"):
-        train_shapes_tokenizer(["ok", 3], None, vocab_size=400, max_grid=8)
+        train_shapes_tokenizer(["ok", 3], None, vocab_size=400)
 
 
 def test_code_vocab_from_shapes_tokenizer(shapes_dir):
@@ -102,7 +104,7 @@ def test_code_vocab_from_shapes_tokenizer(shapes_dir):
 
 # --------------------------------------------------------------------------------------------- Qwen2.5
 def test_qwen25_special_ids_and_length(qwen):
-    assert len(qwen) == QWEN25_LEN + 8  # 2 * max_grid size tags appended after Qwen2.5's 151,665
+    assert len(qwen) == QWEN25_LEN == 151665
     expected = {
         "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
         "<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|file_sep|>": 151664,
@@ -127,28 +129,34 @@ def test_qwen25_chat_template_matches_reference(qwen):
     assert ids[:9] == [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13] and ids[-3:] == [151644, 77091, 198]
 
 
-def test_qwen25_cache_and_size_tags(qwen, qwen_cache):
+def test_qwen25_cache_and_size_tags_after_the_image_range(qwen, qwen_cache):
+    """Image code c is token 151665 + c with size tags on, as in the reference checkpoints; the tags follow the
+    8,192 codes (issue 8: appending them to the tokenizer moved image_offset to 151,793)."""
     (cached,) = [p for p in qwen_cache.iterdir() if p.name.startswith("qwen2.5-tokenizer-")]
     assert (cached / "tokenizer.json").is_file()
-    plain = load_qwen25_tokenizer(cache_dir=qwen_cache)  # from the cache, without size tags
-    assert len(plain) == 151665
-    assert CodeVocab.from_tokenizer(plain, [8192]).image_offset == 151665
-    tagged = qwen
-    assert [tagged.convert_tokens_to_ids(t) for t in size_tag_tokens(4)] == list(range(151665, 151673))
-    vocab = CodeVocab.from_tokenizer(tagged, [8192])
-    assert vocab.image_offset == 151673 and (vocab.vision_start_id, vocab.vision_end_id) == (151652, 151653)
+    again = load_qwen25_tokenizer(cache_dir=qwen_cache)  # from the cache
+    assert len(again) == 151665
+    vocab = CodeVocab.from_tokenizer(again, [8192], max_grid=DEFAULT_MAX_GRID)
+    assert vocab.codes_to_ids([0, 8191]).tolist() == [151665, 159856]
+    assert (vocab.vision_start_id, vocab.vision_end_id) == (151652, 151653)
+    assert vocab.size_tag_range == (159857, 159985) and vocab.total_vocab_size == 159985
+    assert vocab.size_tag_ids((1, 1)) == [159857, 159921] and vocab.size_tag_ids((64, 64)) == [159920, 159984]
+    assert vocab.is_vision_id([151652, 151665, 159857, 159984]).all()
+    assert not vocab.is_vision_id([151653, 151664, 159985]).any()
+    # The tags fit in the rows of the reference's released checkpoints (160,128).
+    assert vocab.total_vocab_size <= 160128
     # Qwen2.5 marks the tool/FIM tokens non-special: skip_special_tokens keeps them.
-    assert tagged.decode([151643, 151665, 151657, 9707], skip_special_tokens=True) == "<tool_call>Hello"
+    assert again.decode([151643, 151657, 9707], skip_special_tokens=True) == "<tool_call>Hello"
 
 
 def test_load_text_tokenizer_routes(shapes_dir, monkeypatch):
     assert len(load_text_tokenizer(str(shapes_dir))) == len(AutoTokenizer.from_pretrained(shapes_dir))
     monkeypatch.setattr(text_tokenizer, "load_qwen25_tokenizer", lambda **kw: ("qwen", kw))
-    assert load_text_tokenizer("Qwen2.5", add_size_tags=True) == ("qwen", {"add_size_tags": True})
+    assert load_text_tokenizer("Qwen2.5", cache_dir="c") == ("qwen", {"cache_dir": "c"})
     with pytest.raises(ValueError, match="unknown text tokenizer 'Qwen/Qwen2.5-7B'.*Hub ids are not fetched"):
         load_text_tokenizer("Qwen/Qwen2.5-7B")
     with pytest.raises(ValueError, match="apply only to 'qwen2.5'"):
-        load_text_tokenizer(str(shapes_dir), add_size_tags=True)
+        load_text_tokenizer(str(shapes_dir), cache_dir="c")
 
 
 def test_add_vision_tokens_to_third_party_tokenizer():
@@ -157,17 +165,17 @@ def test_add_vision_tokens_to_third_party_tokenizer():
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]")
     with pytest.raises(ValueError, match="no '<\\|vision_start\\|>' token"):
         CodeVocab.from_tokenizer(tok, [16])
-    assert add_vision_tokens(tok, max_grid=2) == 2 + 4 + 1
-    assert add_vision_tokens(tok, max_grid=2) == 0  # idempotent
+    assert add_vision_tokens(tok) == 2 + 1
+    assert add_vision_tokens(tok) == 0  # idempotent
     vocab = CodeVocab.from_tokenizer(tok, [16])
-    assert (vocab.vision_start_id, vocab.vision_end_id, vocab.image_offset) == (3, 4, 10)
-    assert tok("a <|vision_start|> b <height_2>", add_special_tokens=False)["input_ids"] == [1, 3, 2, 6]
+    assert (vocab.vision_start_id, vocab.vision_end_id, vocab.image_offset) == (3, 4, 6)
+    assert tok("a <|vision_start|> b <unconditional>", add_special_tokens=False)["input_ids"] == [1, 3, 2, 5]
 
 
 def test_cli_train_adds_chat_format_strings(tmp_path, monkeypatch):
     monkeypatch.setattr(text_tokenizer, "shapes_corpus", lambda *a, **k: iter(CORPUS))
     out = tmp_path / "tok"
-    assert text_tokenizer._CLI().train(out_dir=str(out), vocab_size=450, max_grid=4).endswith("tokens")
+    assert text_tokenizer._CLI().train(out_dir=str(out), vocab_size=450).endswith("tokens")
     tok = AutoTokenizer.from_pretrained(out)
     # The fixed prompt strings were in the training texts: they encode word by word, not byte by byte.
     assert len(tok(" Generate an image based on this description.", add_special_tokens=False)["input_ids"]) == 8

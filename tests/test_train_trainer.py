@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 
-from modeling.vocab import CodeVocab
+from modeling.vocab import IGNORE_INDEX, CodeVocab
 from uni_arch.train.args import parse_args
 from uni_arch.train.hf_trainer import make_trainer
 from uni_arch.train.synthetic import make_world
@@ -45,6 +45,19 @@ def test_modality_losses_match_masked_cross_entropy():
     assert torch.allclose(parts["loss_sum"], parts["image_loss_sum"] + parts["text_loss_sum"])
 
 
+def test_size_tag_targets_count_as_image_loss():
+    """Size tags are predicted by the vision branch (from <|vision_start|> and the first tag): image loss."""
+    vocab = CodeVocab(image_offset=10, level_sizes=(6,), vision_start_id=3, vision_end_id=4, max_grid=2)
+    h, w = vocab.size_tag_ids((2, 1))  # 17, 18: after the 6 codes
+    labels = torch.tensor([[IGNORE_INDEX, 5, 3, h, w, 11, 4, 7]])
+    logits = torch.randn(1, 8, vocab.total_vocab_size, generator=torch.Generator().manual_seed(0))
+    parts = modality_losses(logits, labels, vocab)
+    ce = F.cross_entropy(logits[0, :-1], labels[0, 1:], reduction="none")
+    image = torch.tensor([0, 0, 1, 1, 1, 1, 0], dtype=torch.bool)  # h, w, code 11, <|vision_end|>
+    assert int(parts["image_tokens"]) == 4 and int(parts["text_tokens"]) == 3  # 5, <|vision_start|>, 7
+    assert torch.allclose(parts["image_loss_sum"], ce[image].sum())
+
+
 def test_logs_per_modality_metrics_and_every_param_changes(world, tmp_path):
     trainer = make_trainer(*train_args(world, tmp_path / "run"))
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
@@ -66,8 +79,9 @@ def test_logs_per_modality_metrics_and_every_param_changes(world, tmp_path):
 
 
 def test_stage1_trains_only_vision_layers_and_image_rows(world, tmp_path):
+    """With size tags on, their rows are image rows too: they train while every text row stays frozen."""
     trainer = make_trainer(*train_args(world, tmp_path / "s1", "--unfreeze_keys", "vision,image_embeddings",
-                                       "--weight_decay", "0"))
+                                       "--weight_decay", "0", "--size_tags", "true"))
     model, vocab = trainer.model, trainer.code_vocab
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer.train()
@@ -78,6 +92,8 @@ def test_stage1_trains_only_vision_layers_and_image_rows(world, tmp_path):
             text_rows = [i for i in range(start) if i not in (vocab.vision_start_id, vocab.vision_end_id)]
             assert torch.equal(p[text_rows], before[n][text_rows]), "text embedding rows must stay frozen"
             assert not torch.equal(p[start:end], before[n][start:end]), "image rows must train"
+            tags = vocab.size_tag_ids((4, 4))  # the synthetic world's grid
+            assert not torch.equal(p[tags], before[n][tags]), "the size-tag rows must train"
         elif ".vision." in n:
             assert not torch.equal(p, before[n]), n
         else:

@@ -55,3 +55,52 @@ def test_atomic_writer_leaves_nothing_on_failure(tmp_path):
             w.write({"id": "x"})
             raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------ size tags, vision rule
+def test_size_tags_follow_the_codes_and_are_vision_for_numpy_and_torch():
+    import torch
+
+    v = CodeVocab(image_offset=1000, level_sizes=(16, 8), vision_start_id=3, vision_end_id=4, max_grid=4)
+    assert v.image_token_range == (1000, 1024) and v.size_tag_range == (1024, 1032) and v.total_vocab_size == 1032
+    assert v.size_tag_ids((1, 1)) == [1024, 1028] and v.size_tag_ids((4, 2)) == [1027, 1029]
+    ids = [3, 4, 999, 1000, 1023, 1024, 1031, 1032]
+    vision = [True, False, False, True, True, True, True, False]
+    image_target = [False, True, False, True, True, True, True, False]
+    assert v.is_vision_id(ids).tolist() == vision
+    assert v.is_vision_id(torch.tensor([ids])).tolist() == [vision]  # the model's routing input
+    assert v.is_image_target(torch.tensor(ids)).tolist() == image_target  # the trainer's image loss
+    assert v.is_size_tag_id(np.array(ids)).tolist() == [False] * 5 + [True, True, False]
+    assert sorted(v.image_block_ids().tolist()) == [3, 4] + list(range(1000, 1032))
+    with pytest.raises(ValueError, match="grid 5x1 has no size tag.*up to 4x4"):
+        v.size_tag_ids((5, 1))
+    with pytest.raises(ValueError, match="token id 1024 at position 0 is not an image code"):
+        v.ids_to_codes([1024])  # a size tag is not a code
+    none = CodeVocab(1000, (16,), 3, 4)
+    assert none.total_vocab_size == 1016 and not none.is_vision_id([1016]).any()
+    with pytest.raises(ValueError, match="max_grid=0"):
+        none.size_tag_ids((1, 1))
+    assert CodeVocab.from_dict(v.to_dict()) == v
+    assert CodeVocab.from_dict({k: x for k, x in none.to_dict().items() if k != "max_grid"}) == none  # older dicts
+
+
+# ------------------------------------------------------------------------- one definition of each concept
+ONE_DEFINITION = {
+    r"^\s*IGNORE_INDEX\s*=": "modeling/vocab.py",
+    r"^\s*Span\s*=|^class Span\b": "uni_arch/train/packing.py",
+    r"^def setup_log": "uni_arch/log_setup.py",
+    r"\blogger\.(remove|add)\(": "uni_arch/log_setup.py",
+    r"\.(image_token_range|size_tag_range)\b": "modeling/vocab.py",  # id-range checks go through CodeVocab methods
+}
+
+
+@pytest.mark.parametrize("pattern", sorted(ONE_DEFINITION))
+def test_each_concept_is_defined_in_one_place(pattern):
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    hits = sorted({str(p.relative_to(root)) for folder in ("modeling", "uni_arch", "data_process", "tools", "evaluation")
+                   for p in (root / folder).rglob("*.py")
+                   if re.search(pattern, p.read_text(encoding="utf-8"), flags=re.MULTILINE)})
+    assert hits == [ONE_DEFINITION[pattern]], f"{pattern!r} appears in {hits}, expected only {ONE_DEFINITION[pattern]}"

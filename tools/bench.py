@@ -2,28 +2,40 @@
 
     python tools/bench.py model   # forward+backward per token: dense vs Uni-X vs MoT vs MoE; packed vs padded
     python tools/bench.py train   # Trainer throughput: packing mode 2 vs mode 0 on the same data
+    python tools/bench.py model --help   # each subcommand's own options
 
-Each subcommand lives in its own module and is imported only when asked for.
+Each subcommand is the ``main`` of its own module, imported only when asked for (``bench_train`` imports torch and
+transformers). fire is handed that function itself, not a ``**kwargs`` wrapper: a wrapper hides the signature, so
+``--help`` reached it as a keyword argument (``TypeError: main() got an unexpected keyword argument 'help'``).
 """
 
 from __future__ import annotations
 
+import importlib
+import sys
+from typing import Callable
+
 import fire
 
-
-def model(**kwargs):
-    """Model-level benchmark; see ``tools/bench_model.py`` for the options."""
-    from tools.bench_model import main
-
-    return main(**kwargs)
+SUBCOMMANDS = {"model": "tools.bench_model", "train": "tools.bench_train"}  # name -> module with a main()
 
 
-def train(**kwargs):
-    """Training-throughput benchmark; see ``tools/bench_train.py`` for the options."""
-    from tools.bench_train import main
+def subcommand(name: str) -> Callable:
+    """The ``main`` of a subcommand's module; unknown names raise listing the known ones."""
+    if name not in SUBCOMMANDS:
+        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(SUBCOMMANDS)}")
+    return importlib.import_module(SUBCOMMANDS[name]).main
 
-    return main(**kwargs)
+
+def run(argv: list[str] | None = None):
+    """``bench.py <name> [options]``: fire on the named subcommand's ``main`` (its options, its ``--help``)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return fire.Fire(subcommand(argv[0]), command=argv[1:], name=argv[0])
+    # No or an unknown subcommand: fire lists the subcommands (their docstrings) without importing them.
+    return fire.Fire({name: f"see `python tools/bench.py {name} --help`" for name in SUBCOMMANDS}, command=argv,
+                     name="bench.py")
 
 
 if __name__ == "__main__":
-    fire.Fire({"model": model, "train": train})
+    run()

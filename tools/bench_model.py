@@ -103,13 +103,15 @@ def _packed_batch(row: list[list[int]]):
 def _padded_batches(docs: list[list[int]], batch_size: int):
     import torch
 
+    from modeling.vocab import IGNORE_INDEX
+
     batches = []
     for i in range(0, len(docs), batch_size):
         group = docs[i:i + batch_size]
         width = max(map(len, group))
         ids = torch.tensor([d + [0] * (width - len(d)) for d in group])
         mask = torch.tensor([[1] * len(d) + [0] * (width - len(d)) for d in group])
-        labels = ids.masked_fill(mask == 0, -100)
+        labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
         batches.append(dict(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False))
     return batches
 
@@ -272,9 +274,16 @@ def main(
 
     Args:
         seq_len: packed row length (variants table: one row of exactly this many tokens' worth of documents).
-        hidden, layers: model size (Uni-X separates layers // 3 at each end; MoE experts every 2nd layer).
-        repeats, warmup: timed / untimed iterations per case; the median is reported.
-        packing_tokens: real tokens of the packed-vs-padded workload; batch_size: documents per padded batch.
+        hidden: model width.
+        layers: model depth (Uni-X separates layers // 3 at each end; MoE experts every 2nd layer).
+        repeats: timed iterations per case; the median is reported.
+        warmup: untimed iterations per case.
+        threads: torch threads.
+        packing_tokens: real tokens of the packed-vs-padded workload.
+        batch_size: documents per padded batch.
+        variants: run the variants table.
+        packing: run the packed-vs-padded table.
+        json_out: also write the report as json here.
     """
     common = dict(hidden=hidden, layers=layers, repeats=repeats, warmup=warmup, threads=threads, seed=0,
                   seq_len=seq_len, batch_size=batch_size)

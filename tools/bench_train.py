@@ -189,7 +189,18 @@ def _table(results: dict[str, dict | None], seq_len: int, threads: int, steps: i
 
 def main(seq_len: int = 4096, batch_size: int | None = None, steps: int = 8, warmup: int = 2, threads: int = 2,
          worlds: str = "shapes,mixed", n_records: int = 2000, out: str = "outputs/bench_train.json") -> None:
-    """Both worlds by default (``worlds="mixed"`` for one); ``batch_size=None`` matches real tokens per step."""
+    """Utilisation and Trainer throughput, mode 2 vs mode 0, on each world (see the module docstring).
+
+    Args:
+        seq_len: packed row length (and the model's max length).
+        batch_size: mode-0 samples per step; None matches the real tokens of a packed row per world.
+        steps: timed optimizer steps per mode.
+        warmup: untimed steps per mode before timing.
+        threads: torch threads (1 on a loaded machine keeps the ratio stable).
+        worlds: comma-separated: ``shapes`` (needs data/shapes_codes) and/or ``mixed``.
+        n_records: records of the synthetic mixed world.
+        out: the json report.
+    """
     from uni_arch.log_setup import setup_logging
 
     setup_logging(0, "WARNING")

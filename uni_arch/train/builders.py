@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from loguru import logger
 
-from modeling.vocab import CodeVocab
+from modeling.vocab import DEFAULT_MAX_GRID, CodeVocab
 from uni_arch.train.args import DataArguments, ModelArguments, UniTrainingArguments
 
 IMAGE_EMBEDDINGS = "image_embeddings"
@@ -43,8 +43,9 @@ def _checkpoint_config(model_args: ModelArguments):
     return AutoConfig.from_pretrained(model_args.model_name_or_path)
 
 
-def build_code_vocab(model_args: ModelArguments, tokenizer) -> CodeVocab:
-    """Image ids start at ``len(tokenizer)``; codebook sizes come from the image tokenizer or the checkpoint."""
+def build_code_vocab(model_args: ModelArguments, tokenizer, size_tags: bool = False) -> CodeVocab:
+    """Image ids start at ``len(tokenizer)``; codebook sizes come from the image tokenizer or the checkpoint;
+    ``size_tags`` reserves the size tags (up to ``DEFAULT_MAX_GRID``) after the codes."""
     if model_args.image_tokenizer_path:
         from modeling.vq import load_image_tokenizer
 
@@ -57,7 +58,7 @@ def build_code_vocab(model_args: ModelArguments, tokenizer) -> CodeVocab:
             raise ValueError("image_tokenizer_path and image_level_sizes are empty and model_name_or_path has no "
                              "image_level_sizes: give the image tokenizer checkpoint so the code vocabulary is known")
         level_sizes = config.image_level_sizes
-    vocab = CodeVocab.from_tokenizer(tokenizer, level_sizes)
+    vocab = CodeVocab.from_tokenizer(tokenizer, level_sizes, max_grid=DEFAULT_MAX_GRID if size_tags else 0)
     logger.info(f"code vocabulary: {vocab.to_dict()} (total {vocab.total_vocab_size} ids)")
     return vocab
 
@@ -69,7 +70,7 @@ def build_sample_builder(data_args: DataArguments, tokenizer, code_vocab: CodeVo
     kwargs: dict[str, Any] = dict(
         t2i_ratio=data_args.t2i_ratio, cfg_dropout=data_args.cfg_dropout,
         ignore_instruction=bool(data_args.ignore_instruction), size_tags=data_args.size_tags,
-        system_prompt=data_args.system_prompt, seed=data_args.shuffle_seed,
+        system_prompt=data_args.system_prompt,
     )
     if data_args.template_dir:
         kwargs["template_dir"] = data_args.template_dir
@@ -101,7 +102,7 @@ def build_data(model_args: ModelArguments, data_args: DataArguments, training_ar
     The one data chain of the entry point, the unigram baseline and the benchmarks.
     """
     tokenizer = build_tokenizer(model_args)
-    code_vocab = build_code_vocab(model_args, tokenizer)
+    code_vocab = build_code_vocab(model_args, tokenizer, size_tags=data_args.size_tags)
     sample_builder = build_sample_builder(data_args, tokenizer, code_vocab)
     return tokenizer, code_vocab, build_train_dataset(data_args, training_args, sample_builder, code_vocab)
 
@@ -174,8 +175,8 @@ def _row_mask_hook(param: torch.nn.Parameter, rows: torch.Tensor):
 def apply_unfreeze(model: torch.nn.Module, unfreeze_keys: str, code_vocab: CodeVocab, weight_decay: float = 0.0) -> dict:
     """``train-all`` or comma-separated patterns (fnmatch, else substring) of parameter names to train.
 
-    ``image_embeddings`` trains only the image-code rows (and ``<|vision_start|>``/``<|vision_end|>``) of the input
-    embedding and of the output head, through a gradient mask: the text rows receive a zero gradient. With AdamW a
+    ``image_embeddings`` trains only the image-block rows (codes, size tags, ``<|vision_start|>``/``<|vision_end|>``)
+    of the input embedding and of the output head, through a gradient mask: the text rows receive a zero gradient. With AdamW a
     zero gradient means a zero update, but decoupled weight decay would still shrink the text rows, hence the
     check on ``weight_decay``. Every pattern must match something (a typo must not freeze the whole model).
     """
@@ -200,8 +201,7 @@ def apply_unfreeze(model: torch.nn.Module, unfreeze_keys: str, code_vocab: CodeV
         if weight_decay:
             raise ValueError(f"unfreeze_keys={IMAGE_EMBEDDINGS!r} with weight_decay={weight_decay}: decay would "
                              "shrink the frozen text rows; use weight_decay=0 for this stage")
-        start, end = code_vocab.image_token_range
-        rows = torch.cat([torch.arange(start, end), torch.tensor([code_vocab.vision_start_id, code_vocab.vision_end_id])])
+        rows = torch.from_numpy(code_vocab.image_block_ids())
         matrices = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())
                     if m is not None}
         for w in matrices.values():  # tied embeddings are one matrix: one hook

@@ -34,7 +34,8 @@ from typing import Any, Sequence
 
 import torch
 
-IGNORE_INDEX = -100
+from modeling.vocab import IGNORE_INDEX
+
 META_KEYS = ("num_real_tokens", "num_capacity_tokens", "sample_ids")
 
 

@@ -36,10 +36,9 @@ from tqdm import tqdm
 
 from data_process.schema import Record, RecordError, record_from_dict
 from modeling.vocab import CodeVocab
-from uni_arch.train.packing import pack, padded_utilisation
+from uni_arch.train.packing import Span, pack, padded_utilisation
 from uni_arch.train.templates import SampleError
 
-Span = tuple[int, int]
 NOT_RECORDS = frozenset({"errors.jsonl"})  # bookkeeping files of data_process/encode_images.py
 
 

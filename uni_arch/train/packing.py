@@ -49,7 +49,7 @@ import bisect
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
-Span = tuple[int, int]
+Span = tuple[int, int]  # [start, end) token positions; the one definition, imported by templates and dataset
 OverlongPolicy = Literal["drop", "split"]
 PACKING_MODES = (0, 1, 2)
 

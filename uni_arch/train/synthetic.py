@@ -104,20 +104,14 @@ def write_records(records: list[Record], path: str | Path) -> Path:
     return Path(path)
 
 
-def write_tokenizer(out_dir: str | Path, vocab_size: int | None = None, max_grid: int = 8):
-    """A small BPE over the synthetic sentences, with the vision and chat special tokens (shapes tokenizer recipe).
-
-    ``vocab_size`` defaults to 400 plus room for the size tags beyond 8x8, so that a larger ``max_grid`` does not eat
-    the merges (the words would then split into more tokens).
-    """
-    if vocab_size is None:
-        vocab_size = 400 + 2 * max(0, max_grid - 8)
+def write_tokenizer(out_dir: str | Path, vocab_size: int = 400):
+    """A small BPE over the synthetic sentences, with the vision and chat special tokens (shapes tokenizer recipe)."""
     from data_process.text_tokenizer import train_shapes_tokenizer
 
     texts = [f"a {c} {s}" for c in COLOURS for s in SHAPES] * 4
     texts += [t.format(c=c, s=s, c2=c, s2=s) for t in SENTENCES for c in COLOURS for s in SHAPES]
     texts += ["What colour is the shape?", "Describe this image.", "Generate an image based on this description."]
-    return train_shapes_tokenizer(texts, out_dir, vocab_size=vocab_size, max_grid=max_grid, min_frequency=1)
+    return train_shapes_tokenizer(texts, out_dir, vocab_size=vocab_size, min_frequency=1)
 
 
 def write_model_config(path: str | Path, *, hidden_size: int = 32, layers: int = 4, heads: int = 4,
@@ -153,7 +147,7 @@ def make_world(root: str | Path, n_records: int = 200, seed: int = 0, shards: in
     for k in range(shards):
         write_records(records[k * per : (k + 1) * per], root / "records" / f"part-{k:03d}.jsonl")
     if not (root / "tokenizer" / "tokenizer.json").is_file():
-        write_tokenizer(root / "tokenizer", max_grid=max(8, *grid))  # size tags up to the grid, if asked for
+        write_tokenizer(root / "tokenizer")
     write_model_config(root / "model.json", **model_kwargs)
     return {"data_path": str(root / "records"), "tokenizer_path": str(root / "tokenizer"),
             "model_config": str(root / "model.json"), "image_level_sizes": str(codebook)}

@@ -1,7 +1,7 @@
 """Records -> training samples ``(input_ids, labels, modality, image_spans)``, built segment by segment.
 
 The loss mask is built *with* the ids (STYLE.md practice 11): every piece of the sample is appended together with
-whether it is trained and which modality it is, so nothing is reconstructed from token counts afterwards.
+whether it is trained, so nothing is reconstructed from token counts afterwards.
 
 Chat markup comes from files, not code. ``configs/chat_templates/<name>.yaml`` holds each role's start/end/separator,
 the document EOS, the text-to-image instruction, the unconditional prompt and the captioning questions;
@@ -11,7 +11,8 @@ renderer produces exactly the ids of ``apply_chat_template`` (tested), because c
 into one string and tokenized at once, as the jinja path does; per-character trained flags are carried through the
 tokenizer's offset mapping. A token is trained if any of its characters is (so a BPE token that merges the header's
 ``\n`` with an answer's leading newlines is trained, as transformers' assistant-token masks do). Image blocks cut
-text runs: ``<|vision_start|>`` [size tag] codes ``<|vision_end|>`` are appended as ids.
+text runs: ``<|vision_start|>`` [size tag] codes ``<|vision_end|>`` are appended as ids (the code and size-tag ids
+come from :class:`~modeling.vocab.CodeVocab`, which owns the id layout).
 
 Masking rules (``ignore_instruction=True``; with ``False`` every token is trained):
 
@@ -25,8 +26,9 @@ Masking rules (``ignore_instruction=True``; with ``False`` every token is traine
 * ``interleaved``: a plain document (no chat markup) of the turns' values joined by ``interleaved_separator``;
   human values are masked, the rest trained, then ``<|endoftext|>``.
 
-``modality`` is 1 for image codes and ``<|vision_start|>`` (DESIGN.md's definition of a vision token) and 0 for
-everything else, size tags and ``<|vision_end|>`` included.
+``modality`` is 1 for ``<|vision_start|>``, size tags and image codes and 0 for everything else, ``<|vision_end|>``
+included. It is not decided here: it is :meth:`CodeVocab.is_vision_id` of the ids, the very rule the model routes
+by, so a sample's labels and the model's branches cannot disagree (tested token by token).
 
 Inference renders its prompts here too (:meth:`SampleBuilder.t2i_prompt_ids`, :meth:`SampleBuilder.chat_prompt_ids`,
 :func:`turns_from_messages`), so a prompt is byte-for-byte the masked prefix the model was trained on.
@@ -44,10 +46,9 @@ from typing import Any, Sequence
 import yaml
 
 from data_process.schema import ImageCodes, Record
-from modeling.vocab import CodeVocab
+from modeling.vocab import IGNORE_INDEX, CodeVocab
+from uni_arch.train.packing import Span
 
-IGNORE_INDEX = -100
-TEXT, VISION = 0, 1
 SAMPLE_KINDS = ("text", "t2i", "i2t", "conversation", "edit", "interleaved")
 DEFAULT_TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "configs" / "chat_templates"
 
@@ -62,8 +63,8 @@ class Sample:
 
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX where not trained
-    modality: list[int]  # 0 text, 1 vision (image codes and <|vision_start|>)
-    image_spans: list[tuple[int, int]]  # [start, end) of each image block, <|vision_start|>..<|vision_end|> inclusive
+    modality: list[int]  # 0 text, 1 vision: CodeVocab.is_vision_id of input_ids (the model's routing rule)
+    image_spans: list[Span]  # [start, end) of each image block, <|vision_start|>..<|vision_end|> inclusive
     kind: str  # one of SAMPLE_KINDS
 
     def __len__(self) -> int:
@@ -181,23 +182,20 @@ class _Writer:
     """Accumulates one sample: text pieces are buffered into a run and tokenized together; ids go in directly."""
 
     tokenizer: Any
-    vision_start_id: int
+    code_vocab: CodeVocab
     input_ids: list[int] = field(default_factory=list)
     trained: list[bool] = field(default_factory=list)
-    modality: list[int] = field(default_factory=list)
-    image_spans: list[tuple[int, int]] = field(default_factory=list)
+    image_spans: list[Span] = field(default_factory=list)
     _run: list[tuple[str, bool]] = field(default_factory=list)
 
     def text(self, text: str, trained: bool) -> None:
         if text:
             self._run.append((text, trained))
 
-    def ids(self, ids: Sequence[int], trained: Sequence[bool] | bool, modality: Sequence[int] | int) -> None:
+    def ids(self, ids: Sequence[int], trained: bool) -> None:
         self.flush()
-        n = len(ids)
         self.input_ids += [int(i) for i in ids]
-        self.trained += list(trained) if not isinstance(trained, bool) else [trained] * n
-        self.modality += list(modality) if not isinstance(modality, int) else [modality] * n
+        self.trained += [trained] * len(ids)
 
     def flush(self) -> None:
         """Tokenize the buffered run as one string; a token is trained if any of its characters is."""
@@ -211,14 +209,14 @@ class _Writer:
             end = max(end, start + 1)  # zero-width offsets (rare) take the flag of the character they sit on
             self.input_ids.append(int(tid))
             self.trained.append(any(char_trained[start:end]))
-            # A literal <|vision_start|> typed in text is still a vision token by id (DESIGN.md section 4).
-            self.modality.append(VISION if tid == self.vision_start_id else TEXT)
 
     def finish(self, kind: str) -> Sample:
         self.flush()
         labels = [tid if t else IGNORE_INDEX for tid, t in zip(self.input_ids, self.trained)]
-        assert len(labels) == len(self.modality) == len(self.input_ids), "writer lists out of step"
-        return Sample(list(self.input_ids), labels, list(self.modality), list(self.image_spans), kind)
+        assert len(labels) == len(self.input_ids), "writer lists out of step"
+        # By id, with the model's own rule: a literal <|vision_start|> typed in text is a vision token too.
+        modality = self.code_vocab.is_vision_id(self.input_ids).astype(int).tolist()
+        return Sample(list(self.input_ids), labels, modality, list(self.image_spans), kind)
 
 
 @dataclass
@@ -247,12 +245,14 @@ class SampleBuilder:
         t2i_ratio: probability that an ``image_text`` record becomes text-to-image (else image-to-text).
         cfg_dropout: probability that a text-to-image prompt is replaced by the unconditional prompt.
         ignore_instruction: mask prompts (headers, user turns, the forced ``<|vision_start|>``); False trains all.
-        size_tags: always put ``<height_h><width_w>`` after ``<|vision_start|>``.
+        size_tags: always put ``<height_h><width_w>`` after ``<|vision_start|>`` (ids from ``code_vocab``, which must
+            reserve them: ``max_grid`` > 0).
         fixed_grid: the image tokenizer's native grid ``(h, w)``; images of another grid get a size tag even when
             ``size_tags`` is False. None: only ``size_tags`` decides.
         system_prompt: a system turn for chat samples without one (overrides the YAML's ``system_prompt``).
         template_dir / template_name: where ``<template_name>.yaml`` lives (default ``configs/chat_templates``).
-        seed: kept for reproducibility records; randomness comes only from the ``rng`` passed to :meth:`build`.
+
+    The builder holds no randomness: every draw comes from the ``rng`` passed to :meth:`build`.
     """
 
     def __init__(
@@ -268,7 +268,6 @@ class SampleBuilder:
         system_prompt: str | None = None,
         template_dir: str | Path | None = None,
         template_name: str = "chatml",
-        seed: int = 0,
     ):
         if not getattr(tokenizer, "is_fast", False):
             raise TypeError(
@@ -282,7 +281,10 @@ class SampleBuilder:
                 f"SampleBuilder: code_vocab.image_offset={code_vocab.image_offset} overlaps the tokenizer "
                 f"({len(tokenizer)} tokens): build the CodeVocab after adding every text token"
             )
-        self.tokenizer, self.code_vocab, self.seed = tokenizer, code_vocab, seed
+        if size_tags and not code_vocab.max_grid:
+            raise ValueError("SampleBuilder: size_tags=True but the code vocabulary reserves no size tags (max_grid=0): "
+                             "build it with CodeVocab.from_tokenizer(..., max_grid=DEFAULT_MAX_GRID)")
+        self.tokenizer, self.code_vocab = tokenizer, code_vocab
         self.t2i_ratio, self.cfg_dropout, self.ignore_instruction = t2i_ratio, cfg_dropout, ignore_instruction
         self.size_tags, self.fixed_grid = size_tags, (tuple(fixed_grid) if fixed_grid is not None else None)
         self.format = ChatFormat.load(template_dir, template_name)
@@ -290,7 +292,6 @@ class SampleBuilder:
         answer_end = self.format.roles["gpt"].end
         self.answer_end_id = self._single_id(answer_end, "roles.gpt.end") if answer_end else None  # the stop token
         self.document_eos_id = self._single_id(self.format.document_eos, "document_eos")
-        self._size_tag_cache: dict[tuple[int, int], list[int]] = {}  # grid -> ids; a pure memo of the tokenizer
 
     def _single_id(self, token: str, what: str) -> int:
         ids = self.tokenizer(token, add_special_tokens=False)["input_ids"]
@@ -301,19 +302,6 @@ class SampleBuilder:
             )
         return ids[0]
 
-    def size_tag_ids(self, grid: Sequence[int]) -> list[int]:
-        """Ids of ``<height_h><width_w>``; an error naming the missing token when the tokenizer lacks it."""
-        key = (int(grid[0]), int(grid[1]))
-        if key not in self._size_tag_cache:
-            ids = []
-            for tok in (f"<height_{key[0]}>", f"<width_{key[1]}>"):
-                tid = self.tokenizer.convert_tokens_to_ids(tok)
-                if tid is None or tid == self.tokenizer.unk_token_id:
-                    raise ValueError(f"tokenizer has no {tok} size tag: build it with max_grid >= {max(key)}")
-                ids.append(tid)
-            self._size_tag_cache[key] = ids
-        return self._size_tag_cache[key]
-
     # ------------------------------------------------------------------------------------- image blocks
     def _wants_size_tag(self, grid: Sequence[int]) -> bool:
         return self.size_tags or (self.fixed_grid is not None and tuple(grid) != self.fixed_grid)
@@ -323,14 +311,12 @@ class SampleBuilder:
         levels = image.levels if image.levels is not None else 0
         try:
             code_ids = self.code_vocab.codes_to_ids(image.codes, levels).tolist()
-            tag = self.size_tag_ids(image.grid) if self._wants_size_tag(image.grid) else []
+            tag = self.code_vocab.size_tag_ids(image.grid) if self._wants_size_tag(image.grid) else []
         except ValueError as e:
             raise SampleError(f"{where}: {e}") from e
-        w.ids([self.code_vocab.vision_start_id], start_trained, VISION)  # flushes the text run first
+        w.ids([self.code_vocab.vision_start_id], start_trained)  # flushes the text run first
         start = len(w.input_ids) - 1
-        w.ids(tag, trained, TEXT)
-        w.ids(code_ids, trained, VISION)
-        w.ids([self.code_vocab.vision_end_id], trained, TEXT)
+        w.ids(tag + code_ids + [self.code_vocab.vision_end_id], trained)
         w.image_spans.append((start, len(w.input_ids)))
 
     def _content(self, w: _Writer, value: str, images: _Images, trained: bool, opens_answer: bool) -> None:
@@ -367,7 +353,7 @@ class SampleBuilder:
                 w.text(self.format.interleaved_separator, trained and prev_trained)
             prev_trained = trained
             self._content(w, turn["value"], images, trained, opens_answer=False)
-        w.ids([self.document_eos_id], True, TEXT)
+        w.ids([self.document_eos_id], True)
 
     def _t2i_turns(self, caption: str, rng: random.Random) -> list[dict[str, str]]:
         dropped = rng.random() < self.cfg_dropout
@@ -383,12 +369,12 @@ class SampleBuilder:
         """Render one record; the only randomness (direction, CFG dropout, question) is drawn from ``rng``."""
         rid = record.id
         images = _Images(rid, list(record.images))
-        w = _Writer(self.tokenizer, self.code_vocab.vision_start_id)
+        w = _Writer(self.tokenizer, self.code_vocab)
         if record.type == "text":
             if not record.text:
                 raise SampleError(f"record {rid!r}: a text record needs a non-empty text")
             w.text(record.text, True)
-            w.ids([self.document_eos_id], True, TEXT)
+            w.ids([self.document_eos_id], True)
             return w.finish("text")
         if record.type in ("image_text", "t2i", "i2t"):
             if not record.text or len(record.images) != 1:
@@ -428,7 +414,7 @@ class SampleBuilder:
         ids = self.chat_prompt_ids([{"from": "human", "value": value}], [])
         ids.append(self.code_vocab.vision_start_id)
         if grid is not None and self._wants_size_tag(grid):
-            ids += self.size_tag_ids(grid)
+            ids += self.code_vocab.size_tag_ids(grid)
         return ids
 
     def chat_prompt_ids(self, turns: list[dict[str, str]], images: list[ImageCodes]) -> list[int]:
@@ -436,7 +422,7 @@ class SampleBuilder:
         n_ph = sum(turn["value"].count(self.format.image_placeholder) for turn in turns)
         if n_ph != len(images):
             raise SampleError(f"prompt: {n_ph} {self.format.image_placeholder} placeholder(s) but {len(images)} image(s)")
-        w = _Writer(self.tokenizer, self.code_vocab.vision_start_id)
+        w = _Writer(self.tokenizer, self.code_vocab)
         self._chat(w, turns, _Images("prompt", list(images)), "prompt")
         w.text(self.format.generation_prompt, False)
         return w.finish("conversation").input_ids

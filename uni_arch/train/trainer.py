@@ -3,7 +3,7 @@
 What changes, and where:
 
 * ``compute_loss`` -- one forward without labels, then the usual shifted token-level cross entropy computed here so
-  that it can be split by the *target's* modality: image loss = targets that are image codes or
+  that it can be split by the *target's* modality: image loss = targets that are size tags, image codes or
   ``<|vision_end|>`` (the model must learn to close the block), text loss = every other target. The optimised loss
   is exactly the model's own (sum over targets / number of targets of the whole accumulated batch, as the Trainer's
   ``num_items_in_batch`` says), so gradient accumulation and multi-rank averaging behave like the stock Trainer.
@@ -25,19 +25,19 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from modeling.vocab import CodeVocab
-from uni_arch.train.data_collator import IGNORE_INDEX, META_KEYS
+from modeling.vocab import IGNORE_INDEX, CodeVocab
+from uni_arch.train.data_collator import META_KEYS
 
 # Buffer slots, summed over micro-batches and ranks between two logs.
 _METRICS = ("text_loss_sum", "text_tokens", "image_loss_sum", "image_tokens", "real_tokens", "capacity_tokens")
 
 
 def target_is_image(targets: torch.Tensor, vocab: CodeVocab | None) -> torch.Tensor:
-    """Mask of targets that count as image tokens: image codes and ``<|vision_end|>``."""
+    """Mask of targets that count as image tokens (``CodeVocab.is_image_target``: size tags, codes and
+    ``<|vision_end|>``, the targets the vision branch predicts); all text without a code vocabulary."""
     if vocab is None:
         return torch.zeros_like(targets, dtype=torch.bool)
-    start, end = vocab.image_token_range
-    return ((targets >= start) & (targets < end)) | (targets == vocab.vision_end_id)
+    return vocab.is_image_target(targets)
 
 
 def modality_losses(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, vocab: CodeVocab | None) -> dict[str, torch.Tensor]:

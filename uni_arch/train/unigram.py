@@ -31,8 +31,9 @@ def unigram_entropy(counts: Counter) -> float:
 
 
 def count_targets(rows: Iterable[dict], vocab: CodeVocab) -> dict[str, Counter]:
-    """Target-token counts per modality (image = image codes and ``<|vision_end|>``, as in the trainer)."""
-    from uni_arch.train.data_collator import IGNORE_INDEX, packed_row_labels
+    """Target-token counts per modality (image = ``CodeVocab.is_image_target``, as in the trainer)."""
+    from modeling.vocab import IGNORE_INDEX
+    from uni_arch.train.data_collator import packed_row_labels
     from uni_arch.train.trainer import target_is_image
 
     counts = {"text": Counter(), "image": Counter()}
