@@ -93,4 +93,7 @@ def plot_loss_curves(csv_path: str | Path, out_path: str | Path | None = None,
 if __name__ == "__main__":
     import fire
 
+    from uni_arch.log_setup import setup_logging
+
+    setup_logging()
     fire.Fire({"plot": plot_loss_curves})

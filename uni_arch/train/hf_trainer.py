@@ -1,10 +1,12 @@
 """Training entry point: parse -> logging -> builders -> ``UniTrainer.train()`` -> save; clean-up in ``finally``.
 
-    python uni_arch/train/hf_trainer.py --config configs/train/shapes.yaml [--learning_rate 1e-3 ...]
+    python uni_arch/train/hf_trainer.py --config configs/train/stage2.yaml [--learning_rate 1e-3 ...]
     accelerate launch --config_file configs/accelerate/single_node.yaml uni_arch/train/hf_trainer.py --config ...
     deepspeed uni_arch/train/hf_trainer.py --config ... --deepspeed configs/deepspeed/zero2.json
 
-Precedence: defaults < ``--config`` YAML < command line (``uni_arch/train/args.py``).
+Precedence: defaults < ``--config`` YAML < command line (``uni_arch/train/args.py``). ``bash train.sh`` builds the
+whole command (launcher, data, model config) for the shapes world or a preset; the presets are
+``configs/train/{smoke,stage1,stage2,stage3}.yaml``.
 """
 
 from __future__ import annotations

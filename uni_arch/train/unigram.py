@@ -5,10 +5,12 @@ cross-entropies (in nats, like the training loss), so a run that has learned any
 The targets are counted on the very rows the run trains on (same arguments, same rendering and packing; the
 first token of each document is not a target, as in the collator).
 
-    python -m uni_arch.train.unigram --config configs/train/shapes.yaml [same arguments as hf_trainer.py]
+    python -m uni_arch.train.unigram --config configs/train/stage2.yaml [same arguments as hf_trainer.py]
 
-Writes ``output_dir/unigram_baseline.json`` and, when ``output_dir/loss_curves.csv`` exists, prints the run's final
-text and image losses next to the baselines and redraws ``loss_curves.png`` with the baselines as dashed lines.
+(``train.sh`` runs it after training with the run's own arguments.) Writes ``output_dir/unigram_baseline.json`` and,
+when ``output_dir/loss_curves.csv`` exists, logs the run's final text and image losses next to the baselines and
+redraws ``loss_curves.png`` with the baselines as dashed lines. Image targets are ``CodeVocab.is_image_target``
+(size tags, codes, ``<|vision_end|>``), exactly the trainer's ``image_loss``.
 """
 
 from __future__ import annotations
