@@ -22,10 +22,14 @@ import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from data_process.data_config import DatasetSpec
 from data_process.schema import IMAGE_PLACEHOLDER, ImageCodes, Record
+from modeling.vq.preprocess import decode_image
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 # Skip reasons (manifest keys); the encoder adds the image-level ones.
 MALFORMED_JSON = "malformed_json"
@@ -67,6 +71,11 @@ class ImageSource:
         if len(data) != self.size:
             raise OSError(f"tar member {self.member} of {self.path} is truncated ({len(data)} of {self.size} bytes)")
         return data
+
+    def open(self) -> "Image.Image":
+        """The decoded RGB image, through the one loading path every tokenizer shares
+        (:func:`modeling.vq.preprocess.decode_image`: EXIF orientation, 16-bit scaling, alpha onto white)."""
+        return decode_image(self.read_bytes())
 
 
 @dataclass

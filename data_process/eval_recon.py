@@ -30,7 +30,6 @@ import json
 import math
 import tarfile
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -58,12 +57,7 @@ class ImageSource:
 
 
 def _source(location: Location) -> ImageSource:
-    def load() -> Image.Image:
-        with Image.open(BytesIO(location.read_bytes())) as im:
-            im.load()
-            return im
-
-    return ImageSource(location.label, load)
+    return ImageSource(location.label, location.open)  # the shared loading path (EXIF, 16-bit, alpha)
 
 
 def _folder_sources(folder: Path) -> list[ImageSource]:

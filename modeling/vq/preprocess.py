@@ -10,19 +10,26 @@ Two modes, one code path (``resize_cover_crop``: scale so the image covers the t
   aspect is the nearest one, the crop removes at most a thin sliver. The code grid then varies per image, so an
   encoder groups images by grid (:func:`group_by_grid`) and encodes each group as one batch.
 
-Transparency is composited onto white first (Chameleon's ``_whiten_transparency``, including its truncation to
-uint8) so the same PNG gives the same codes as the reference tokenizer. Pixels come out in [-1, 1] as float32 CHW.
+Every image, whatever reads it (the encoder, ``eval_recon``, a tokenizer's ``preprocess`` called directly), first
+goes through :func:`to_rgb`, the one place that turns a decoded file into the pixels a person sees: the EXIF
+orientation applied (a phone photo is stored sideways with a rotation tag), 16-bit greyscale scaled to 8 bits (a
+plain ``convert`` clips it: 99.6% of a 16-bit gradient became 255), transparency composited onto white
+(Chameleon's ``_whiten_transparency``, including its truncation to uint8, so the same PNG gives the same codes as
+the reference tokenizer; a plain ``convert("RGB")`` would encode the colours hidden under alpha 0), and every other
+mode (greyscale, palette, CMYK) converted to RGB. :func:`decode_image` is the file-bytes entry. Pixels come out in
+[-1, 1] as float32 CHW.
 """
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass, field
 from typing import Iterable, Literal, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 PreprocessMode = Literal["fixed", "fixed_anchors"]
 PREPROCESS_MODES: tuple[str, ...] = ("fixed", "fixed_anchors")
@@ -39,6 +46,48 @@ def whiten_transparency(image: Image.Image) -> Image.Image:
     rgb = (1.0 - alpha_HW1) * 255.0 + alpha_HW1 * rgba[:, :, :3]
     # Truncation (astype), not rounding: it is what the reference does, and codes depend on it.
     return Image.fromarray(rgb.astype(np.uint8), "RGB")
+
+
+# Modes whose alpha must be composited (palette images carry theirs in ``info["transparency"]``).
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+# Greyscale with more than 8 bits. ``I`` (32-bit int) is what some Pillow versions and TIFFs give a 16-bit file;
+# its values are read as 16-bit (0..65535), the only depth such files have in practice.
+_HIGH_DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+def _orientation(image: Image.Image) -> int:
+    """EXIF orientation (1 = as stored; 5-8 swap width and height); Pillow also maps an XMP orientation here."""
+    return int(image.getexif().get(ExifTags.Base.Orientation, 1))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The one normalisation of a decoded image: EXIF orientation, 16-bit -> 8-bit, alpha onto white, RGB out.
+
+    Idempotent (the transposed copy has no orientation tag left), so a tokenizer may call it on images that a
+    reader already normalised. An RGB image without an orientation tag is returned as is (no copy).
+    """
+    if _orientation(image) != 1:
+        image = ImageOps.exif_transpose(image)
+    if image.mode in _HIGH_DEPTH_MODES:
+        # Scale, not clip: 65535 -> 255 (x / 257 is exactly the 16 -> 8 bit map that keeps 0 and full scale).
+        values = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
+        image = Image.fromarray(np.rint(values / 257.0).astype(np.uint8), "L")
+    elif image.mode == "F":
+        raise ValueError("32-bit float pixels (mode F) have no defined range; save the image as 8 or 16 bit")
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        return whiten_transparency(image)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """File bytes -> a fully decoded RGB image through :func:`to_rgb`.
+
+    Decoding is forced now (``load``), so a truncated or corrupt file raises here (``OSError``, ``SyntaxError``,
+    ``ValueError`` or ``Image.DecompressionBombError``, as Pillow reports it) and the caller names the file.
+    """
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        return to_rgb(image)
 
 
 def resize_cover_crop(image: Image.Image, height: int, width: int, resample: int = Image.LANCZOS) -> Image.Image:
@@ -146,15 +195,17 @@ class Preprocessor:
         return AnchorSet(self.target, self.downsample, self.max_aspect)
 
     def grid_for(self, image: Image.Image) -> tuple[int, int]:
-        """The code grid this image will get."""
+        """The code grid this image will get (from its size as displayed: EXIF rotations swap width and height)."""
         if self.mode == "fixed":
             side = self.target // self.downsample
             return side, side
-        return self.anchor_set.nearest(image.width, image.height)
+        width, height = image.size if _orientation(image) < 5 else image.size[::-1]
+        return self.anchor_set.nearest(width, height)
 
     def __call__(self, image: Image.Image, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        image = to_rgb(image)
         grid = tuple(grid) if grid is not None else self.grid_for(image)
-        return pil_to_pixels(resize_to_anchor(whiten_transparency(image), grid, self.downsample))
+        return pil_to_pixels(resize_to_anchor(image, grid, self.downsample))
 
     def batch(self, images: Sequence[Image.Image], grid: tuple[int, int] | None = None) -> torch.Tensor:
         """Images that share one grid -> BCHW. In ``fixed_anchors`` mode without ``grid``, images whose anchors

@@ -283,14 +283,15 @@ class ShapesVQ(ImageTokenizer):
             raise ValueError(f"{self.name} has a fixed grid {self.grid}; got {grid=}")
         from PIL import Image  # here, not at module top: importing the model needs no PIL
 
-        from modeling.vq.preprocess import resize_cover_crop
+        from modeling.vq.preprocess import resize_cover_crop, to_rgb
 
         size = self.config.image_size
         arrays = []
         for i, image in enumerate(images):
             if not hasattr(image, "convert"):
                 raise TypeError(f"images[{i}] must be a PIL image, got {type(image).__name__}")
-            image = resize_cover_crop(image.convert("RGB"), size, size, resample=Image.BICUBIC)
+            # to_rgb: the one image normalisation (EXIF orientation, 16-bit, alpha onto white), not convert("RGB")
+            image = resize_cover_crop(to_rgb(image), size, size, resample=Image.BICUBIC)
             arrays.append(torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3))
         if not arrays:
             raise ValueError("preprocess got no images")
