@@ -16,20 +16,32 @@ Design (why it resumes exactly):
   worker count of either run (done-ness does not depend on the worker index in the file name).
 * ``manifest.json`` and ``errors.jsonl`` are merged from the unit files once every unit is done, by whichever
   process finishes last (the parent with spawned workers, the last rank under torchrun), and written atomically.
-* ``encode_state.json`` pins what makes shards comparable (tokenizer id, preprocessing, shard size, data config):
-  resuming into an ``out_dir`` made with other settings is an error, never a silent mix of codes.
+* ``encode_state.json`` pins what makes shards comparable (tokenizer id, preprocessing, shard size, data config,
+  the encoding settings below) and the resolved input files with their sizes (annotation files, webdataset shards
+  as their globs resolve): a file added to a glob, removed or grown between runs shifts every later unit boundary,
+  so resuming would duplicate or drop items. Resuming into an ``out_dir`` made with other settings or inputs is an
+  error naming what changed, never a silent mix of codes. Unit files are written durably (fsync of the file and its
+  directory) before their shard is renamed into place.
+* Codes do not depend on the worker count. A VQ's nearest-code argmax flips at near ties with float noise, and the
+  encoder's floats depend on the kernels torch picks, which depend on the intra-op thread count and on the batch
+  shape (measured here on the shapes VQ: 1 vs 2 threads give different floats for batches of up to 8 images, and a
+  batch of 1 differs from larger ones). So every encoding process runs with the same ``--threads`` (default 1,
+  whatever ``--num_workers``; scale with workers), a unit's batches depend only on the unit's items and
+  ``--batch_size`` (images are queued per grid in item order, never across units), and threads, batch size and
+  device are pinned in ``encode_state.json`` and recorded in ``manifest.json``.
 
 Workers are ``torch.multiprocessing`` spawn processes (``--num_workers``) or torchrun ranks (``RANK`` /
-``WORLD_SIZE``), each with ``cpu_count // world`` torch threads. The tokenizer is loaded in the parent first, so a
-wrong checkpoint fails before any work. Images of equal code grid are batched together (one grid in ``fixed``
-mode; one per anchor in ``fixed_anchors`` mode). Bad inputs (missing or unreadable images, malformed json, images
+``WORLD_SIZE``). The tokenizer is loaded in the parent first, so a wrong checkpoint fails before any work. Every
+image is read through :func:`modeling.vq.preprocess.decode_image` (EXIF orientation applied, 16-bit scaled to 8,
+alpha composited onto white), the path every tokenizer shares. Images of equal code grid are batched together
+(one grid in ``fixed`` mode; one per anchor in ``fixed_anchors`` mode). Bad inputs (missing or unreadable images, malformed json, images
 under ``min_size`` or beyond ``max_aspect``, ...) are skipped, counted by reason and listed in ``errors.jsonl``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-import io
 import json
 import os
 import re
@@ -48,6 +60,7 @@ from data_process.data_config import DataConfig, DatasetSpec, load_data_config
 from data_process.schema import AtomicShardWriter, ImageCodes, Record, RecordError, atomic_write_text, record_from_dict
 from modeling.vq import IMAGE_TOKENIZERS, ImageTokenizer, load_image_tokenizer
 from modeling.vq.base import file_hash
+from modeling.vq.preprocess import decode_image
 from uni_arch.log_setup import setup_logging
 
 if TYPE_CHECKING:
@@ -79,10 +92,13 @@ class EncodeOptions:
     anchor_target: int | None = None
     anchor_downsample: int | None = None
     device: str = "cpu"
+    threads: int = 1
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.shard_size < 1:
             raise ValueError(f"batch_size and shard_size must be >= 1, got {self.batch_size=}, {self.shard_size=}")
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads=}")
         if self.resolution_mode not in RESOLUTION_MODES:
             raise ValueError(f"resolution_mode={self.resolution_mode!r} is not one of {RESOLUTION_MODES}")
         if self.min_size < 1 or self.max_aspect < 1.0:
@@ -153,9 +169,8 @@ def load_image(src: ImageSource, min_size: int, max_aspect: float) -> Image.Imag
         return MISSING_FILE, f"{src.label}: no such file"
     except OSError as e:
         return UNREADABLE_IMAGE, f"{src.label}: {e}"
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
+    try:  # the loading path every tokenizer shares: EXIF orientation, 16-bit scaled, alpha onto white
+        image = decode_image(data)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         return UNREADABLE_IMAGE, f"{src.label}: {type(e).__name__}: {e}"
     w, h = image.size
@@ -321,14 +336,32 @@ def _write_unit(ds_dir: Path, rank: int, unit: int, records: list[Record], stats
     for stale in ds_dir.glob(f"part-*-{unit:05d}.jsonl.tmp-*"):  # left by a killed run; this unit is ours now
         stale.unlink(missing_ok=True)
     state = asdict(stats) | {"unit": unit, "is_last": is_last, "shard": f"part-{rank:03d}-{unit:05d}.jsonl"}
-    atomic_write_text(_unit_state_path(ds_dir, unit), json.dumps(state, ensure_ascii=False) + "\n")
+    # Durable before the shard appears: a shard marks its unit done, and finalize() trusts the unit file behind it.
+    atomic_write_text(_unit_state_path(ds_dir, unit), json.dumps(state, ensure_ascii=False) + "\n", durable=True)
     with AtomicShardWriter(ds_dir / state["shard"]) as writer:  # the rename below marks the unit done
         for record in records:
             writer.write(record)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads and restore the caller's count after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_worker(rank: int, world: int, opts: EncodeOptions, tok: ImageTokenizer | None = None) -> WorkerReport:
-    """Encode every unit this rank owns that is not done yet."""
+    """Encode every unit this rank owns that is not done yet, with ``opts.threads`` torch threads (see the module
+    docstring: the thread count changes the encoder's floats, so it must not follow the worker count)."""
+    with torch_threads(opts.threads):
+        return _run_worker(rank, world, opts, tok)
+
+
+def _run_worker(rank: int, world: int, opts: EncodeOptions, tok: ImageTokenizer | None) -> WorkerReport:
     config = load_data_config(opts.data_config)
     local_rank = int(os.environ.get("LOCAL_RANK", rank))  # torchrun across nodes: the GPU index is per node
     device = torch.device(opts.device if opts.device != "cuda" else f"cuda:{local_rank % max(1, torch.cuda.device_count())}")
@@ -354,21 +387,57 @@ def run_worker(rank: int, world: int, opts: EncodeOptions, tok: ImageTokenizer |
 
 
 # ------------------------------------------------------------------------------------------ run state
+def input_files(config: DataConfig) -> dict[str, dict[str, int]]:
+    """Per dataset, every file its item stream is read from, with its size in bytes: the annotation files, or the
+    webdataset shards as their globs resolve now. Paths are relative to the dataset root."""
+    files: dict[str, dict[str, int]] = {}
+    for spec in config.datasets:
+        paths = spec.shard_paths() if spec.format == "webdataset" else spec.annotation_paths()
+        root = Path(spec.root)
+        files[spec.name] = {(str(p.relative_to(root)) if p.is_relative_to(root) else str(p)): p.stat().st_size
+                            for p in paths}
+    return files
+
+
+def describe_input_changes(old: dict[str, dict[str, int]] | None, new: dict[str, dict[str, int]]) -> str:
+    """``dataset: added a, b; removed c; size changed d (10 -> 12 bytes)`` for every dataset whose files differ."""
+    if old is None:
+        return "the input files were not recorded (an out_dir from an older version)"
+    parts = []
+    for name in sorted(set(old) | set(new)):
+        o, n = old.get(name, {}), new.get(name, {})
+        added, removed = sorted(set(n) - set(o)), sorted(set(o) - set(n))
+        resized = [f"{f} ({o[f]} -> {n[f]} bytes)" for f in sorted(set(o) & set(n)) if o[f] != n[f]]
+        what = [f"{label} {', '.join(fs)}" for label, fs in (("added", added), ("removed", removed),
+                                                               ("size changed", resized)) if fs]
+        if what:
+            parts.append(f"{name}: {'; '.join(what)}")
+    return " | ".join(parts)
+
+
 def check_run_state(opts: EncodeOptions, config: DataConfig, header: dict[str, Any]) -> None:
-    """Pin the settings that make shards comparable; resuming with different ones is an error naming them."""
+    """Pin the settings and the input files that make shards comparable; resuming with different ones is an error
+    naming them (and, for input files, which were added, removed or changed size)."""
     state = {"tokenizer": header["tokenizer"]["id"], "preprocessing": header["preprocessing"],
-             "shard_size": opts.shard_size, "data_config_sha": file_hash(config.path, 16),
-             "datasets": [d.name for d in config.datasets]}
+             "encoding": header["encoding"], "shard_size": opts.shard_size,
+             "data_config_sha": file_hash(config.path, 16), "datasets": [d.name for d in config.datasets],
+             "inputs": input_files(config)}
     path = Path(opts.out_dir) / STATE_NAME
     if path.exists():
         old = json.loads(path.read_text(encoding="utf-8"))
+        if old.get("inputs") != state["inputs"]:
+            raise ValueError(
+                f"{path}: the input files changed since this out_dir was started ("
+                f"{describe_input_changes(old.get('inputs'), state['inputs'])}). Units are fixed slices of each "
+                "dataset's item stream, so resuming would duplicate or skip items: restore the inputs as they were, "
+                f"or encode into a new --out_dir (or delete {opts.out_dir} and start over)")
         changed = sorted(k for k in state if old.get(k) != state[k])
         if changed:
             raise ValueError(f"{path}: out_dir was written with other settings ({', '.join(changed)} differ: "
                              f"{ {k: old.get(k) for k in changed} } now { {k: state[k] for k in changed} }); "
                              "use a new --out_dir or delete the old one")
     else:
-        atomic_write_text(path, json.dumps(state, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(state, indent=2) + "\n", durable=True)
 
 
 def finalize(opts: EncodeOptions, config: DataConfig, header: dict[str, Any]) -> dict[str, Any] | None:
@@ -402,19 +471,16 @@ def finalize(opts: EncodeOptions, config: DataConfig, header: dict[str, Any]) ->
 
 
 # ------------------------------------------------------------------------------------------ entry points
-def _spawned_worker(rank: int, world: int, opts: EncodeOptions, threads: int, queue: Any) -> None:
+def _spawned_worker(rank: int, world: int, opts: EncodeOptions, queue: Any) -> None:
     setup_logging(rank, tag="encode", all_ranks=True)  # every worker reports its own shards
-    torch.set_num_threads(threads)
-    queue.put(asdict(run_worker(rank, world, opts)))
+    queue.put(asdict(run_worker(rank, world, opts)))  # run_worker sets opts.threads, not cpu_count // world
 
 
 def _run_spawned(opts: EncodeOptions, world: int) -> list[WorkerReport]:
     import torch.multiprocessing as mp
 
-    threads = max(1, (os.cpu_count() or 1) // world)
     queue = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_spawned_worker, args=(world, opts, threads, queue), nprocs=world, join=True,
-                       start_method="spawn")
+    mp.start_processes(_spawned_worker, args=(world, opts, queue), nprocs=world, join=True, start_method="spawn")
     return [WorkerReport(**queue.get()) for _ in range(world)]
 
 
@@ -432,6 +498,7 @@ def encode(
     anchor_target: int | None = None,
     anchor_downsample: int | None = None,
     device: str = "cpu",
+    threads: int = 1,
 ) -> dict[str, Any]:
     """Encode a data config into record shards; returns a summary (manifest counts + this run's throughput).
 
@@ -447,9 +514,12 @@ def encode(
         min_size / max_aspect: images with a shorter side under ``min_size`` px or an aspect beyond are skipped.
         anchor_target / anchor_downsample: the anchor set in ``fixed_anchors`` mode (default: the tokenizer's).
         device: ``cpu`` or ``cuda`` (each worker takes ``cuda:<rank % device_count>``).
+        threads: torch intra-op threads of every encoding process, whatever ``num_workers`` (the thread count
+            changes the encoder's floats and so near-tie codes); fixed for the life of an out_dir, like
+            ``batch_size`` and ``device``. On CPU use more workers, not more threads, to use more cores.
     """
     opts = EncodeOptions(data_config, out_dir, tokenizer, checkpoint, batch_size, shard_size, resolution_mode,
-                         min_size, max_aspect, anchor_target, anchor_downsample, device)
+                         min_size, max_aspect, anchor_target, anchor_downsample, device, threads)
     config = load_data_config(data_config)
     tok = None
     if config.needs_tokenizer:
@@ -460,12 +530,13 @@ def encode(
     policy = make_grid_policy(opts, tok)
     tok_info = {"id": tok.tokenizer_id, "name": tok.name, "checkpoint_hash": tok.checkpoint_hash,
                 "level_sizes": list(tok.level_sizes), "kind": tokenizer, "checkpoint": checkpoint} if tok else {"id": None}
-    header = {"tokenizer": tok_info, "preprocessing": policy.describe(opts)}
+    # What the codes' floats depend on besides the weights (see the module docstring); none when nothing is encoded.
+    encoding = {"threads": threads, "batch_size": batch_size, "device": torch.device(device).type} if tok else None
+    header = {"tokenizer": tok_info, "preprocessing": policy.describe(opts), "encoding": encoding}
     check_run_state(opts, config, header)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 0))
     start = time.perf_counter()
     if world > 0:  # torchrun: this process is one rank; the last rank to finish writes the manifest
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
         reports = [run_worker(rank, world, opts, tok)]
     elif num_workers <= 1:
         reports = [run_worker(0, 1, opts, tok)]

@@ -204,6 +204,7 @@ class AtomicShardWriter:
         os.fsync(self._f.fileno())
         self._f.close()
         os.replace(self.tmp_path, self.final_path)
+        fsync_dir(self.final_path.parent)  # the rename itself survives a power loss only once its directory is synced
 
     def abort(self) -> None:
         self._f.close()
@@ -219,10 +220,25 @@ class AtomicShardWriter:
             self.abort()
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory, so that renames and new entries in it are durable (POSIX; a no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open a directory
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, durable: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to write; on success it is renamed to ``path`` (atomic on POSIX), on an
-    exception it is removed: a killed or failed writer never leaves a truncated file under the final name."""
+    exception it is removed: a killed or failed writer never leaves a truncated file under the final name.
+
+    ``durable``: also fsync the file before the rename and its directory after it, so the file survives a power
+    loss (for bookkeeping that later steps trust, like the encoder's unit files)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -231,10 +247,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if durable:
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+    if durable:
+        fsync_dir(path.parent)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a small file (manifest, json result) atomically."""
-    with atomic_path(path) as tmp:
+def atomic_write_text(path: str | os.PathLike, text: str, durable: bool = False) -> None:
+    """Write a small file (manifest, json result) atomically; ``durable``: see :func:`atomic_path`."""
+    with atomic_path(path, durable) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -22,6 +22,7 @@ from PIL import Image
 
 from data_process.encode_images import completed_units, encode, iter_units
 from modeling.vq.base import EncodedImages, ImageTokenizer
+from modeling.vq.shapes_vq import ShapesVQ, ShapesVQConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "test_encode_images:TinyTokenizer"  # importable in spawned workers: pytest puts tests/ on sys.path
@@ -333,7 +334,6 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
 
 # ----------------------------------------------------------------------------------------- anchors, errors
 def test_fixed_anchors_batches_by_grid_and_stores_it(tmp_path):
-    pytest.importorskip("modeling.vq.preprocess")
     from data_process.converters import iter_items
     from data_process.data_config import load_data_config
     from data_process.encode_images import EncodeOptions, UnitEncoder, make_grid_policy
@@ -389,11 +389,13 @@ def test_resume_with_other_settings_is_refused(corpus):
     other = make_tiny_ckpt(corpus["tmp"] / "other.json", patch=4)
     with pytest.raises(ValueError, match="tokenizer"):
         encode(corpus["config"], str(out), tokenizer=TINY, checkpoint=other, shard_size=3)
+    for changed in ({"batch_size": 5}, {"threads": 2}):  # the codes' floats depend on both (module docstring)
+        with pytest.raises(ValueError, match=r"encode_state.json: .*encoding differ"):
+            encode(corpus["config"], str(out), tokenizer=TINY, checkpoint=corpus["ckpt"], shard_size=3, **changed)
 
 
 def test_real_shapes_vq_integration(tmp_path):
-    shapes_vq = pytest.importorskip("modeling.vq.shapes_vq")
-    vq = shapes_vq.ShapesVQ(shapes_vq.ShapesVQConfig(channels=(8, 16, 32), codebook_size=64))
+    vq = ShapesVQ(ShapesVQConfig(channels=(8, 16, 32), codebook_size=64))
     ckpt = vq.save_pretrained(tmp_path / "vq")
     root = tmp_path / "d"
     root.mkdir()
@@ -416,3 +418,118 @@ def test_real_shapes_vq_integration(tmp_path):
     with pytest.raises(ValueError, match="does not match the architecture"):
         encode(cfg, str(tmp_path / "out2"), tokenizer="shapes", checkpoint=str(ckpt))
     assert not (tmp_path / "out2").exists()
+
+
+# ------------------------------------------------------------------------ inputs pinned, durable bookkeeping
+def test_resume_refuses_changed_input_files(corpus):
+    """A tar added to a glob (or an annotation file that grew) shifts unit boundaries: resuming must refuse and say
+    which files changed, not silently duplicate or skip items."""
+    out, root = corpus["tmp"] / "out", corpus["root"]
+    encode(corpus["config"], str(out), tokenizer=TINY, checkpoint=corpus["ckpt"], shard_size=3)
+    extra = root / "shard-001.tar"
+    with tarfile.open(extra, "w") as tf:
+        info = tarfile.TarInfo("k9.txt")
+        info.size = 3
+        tf.addfile(info, io.BytesIO(b"new"))
+    with pytest.raises(ValueError, match=r"encode_state.json: the input files changed .*wds: added shard-001.tar.*"
+                                         r"new --out_dir"):
+        encode(corpus["config"], str(out), tokenizer=TINY, checkpoint=corpus["ckpt"], shard_size=3)
+    extra.unlink()  # back as it was: resuming is fine again (and there is nothing left to do)
+    summary = encode(corpus["config"], str(out), tokenizer=TINY, checkpoint=corpus["ckpt"], shard_size=3)
+    assert summary["complete"] and summary["items_this_run"] == 0
+    captions = root / "captions.jsonl"
+    size = captions.stat().st_size
+    with open(captions, "a") as f:
+        f.write(json.dumps({"image": "red.png", "caption": "one more"}) + "\n")
+    with pytest.raises(ValueError, match=rf"caps: size changed captions.jsonl \({size} -> {captions.stat().st_size} "
+                                         r"bytes\)"):
+        encode(corpus["config"], str(out), tokenizer=TINY, checkpoint=corpus["ckpt"], shard_size=3)
+    state = json.loads((out / "encode_state.json").read_text())
+    assert state["inputs"]["wds"] == {"shard-000.tar": (root / "shard-000.tar").stat().st_size}
+
+
+def test_unit_files_are_durable_before_their_shard(tmp_path, monkeypatch):
+    """Each unit json is fsynced (file, then its directory after the rename) before its shard is renamed into place,
+    and the shard's directory is fsynced after: a shard never stands for a unit file a power loss could lose."""
+    cfg, _ = make_big_corpus(tmp_path, n=6)
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        real_replace(src, dst)
+        events.append(("replace", str(dst)))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "out"
+    encode(cfg, str(out), tokenizer=TINY, checkpoint=make_tiny_ckpt(tmp_path / "tiny.json"), shard_size=4)
+    caps = out / "caps"
+    for unit in (0, 1):
+        unit_json, shard = str(caps / ".units" / f"unit-{unit:05d}.json"), str(caps / f"part-000-{unit:05d}.jsonl")
+        i_unit, i_shard = events.index(("replace", unit_json)), events.index(("replace", shard))
+        assert ("fsync", f"{unit_json}.tmp-{os.getpid()}") in events[:i_unit], "unit file not fsynced before rename"
+        assert ("fsync", str(caps / ".units")) in events[i_unit:i_shard], "unit directory not fsynced before the shard"
+        assert ("fsync", str(caps)) in events[i_shard:], "shard directory not fsynced after the rename"
+
+
+# ------------------------------------------------------------------------- codes independent of workers/threads
+def near_tie_shapes_vq(images: list[Image.Image]) -> ShapesVQ:
+    """A random-init shapes VQ whose codebook puts two codes 1e-4 apart around the mean encoder direction (the rest
+    opposite): every code is a near tie, so any float difference between runs shows up as flipped codes. Real
+    codebooks have such ties rarely (the issue's 1 code in 2,000 images); this makes a few hundred images enough."""
+    torch.manual_seed(0)
+    vq = ShapesVQ(ShapesVQConfig(channels=(8, 16, 32), codebook_size=64)).eval()
+    with torch.no_grad():
+        z_BDhw = vq.encoder(vq.preprocess(images))
+        mean_D = F.normalize(z_BDhw.mean(dim=(0, 2, 3)), dim=0)
+        twin_D = F.normalize(mean_D + 1e-4 * torch.randn(mean_D.shape, generator=torch.Generator().manual_seed(1)), dim=0)
+        codebook_KD = torch.cat([mean_D[None], twin_D[None], -mean_D.expand(62, -1)])
+        for name in ("embed_KD", "embed_sum_KD"):
+            getattr(vq.quantizer, name).copy_(codebook_KD)
+    return vq
+
+
+def test_codes_do_not_depend_on_worker_or_thread_count(tmp_path, monkeypatch):
+    """The same images, 1 worker (in a process with more torch threads than a worker of 2 would get) vs 2 workers:
+    byte-equal records, because every encoding process runs with the pinned ``threads``. The 2 workers are torchrun
+    ranks run one after the other in this process (a spawned worker runs the same ``run_worker``, at ~5 s of
+    imports each)."""
+    root = tmp_path / "d"
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(160):
+        image = Image.new("RGB", (64, 64), tuple(int(c) for c in rng.integers(0, 256, 3)))
+        x, y, w, h = (int(v) for v in rng.integers(4, 30, 4))
+        image.paste(Image.new("RGB", (w, h), tuple(int(c) for c in rng.integers(0, 256, 3))), (x, y))
+        image.save(root / "images" / f"{i}.png")
+        images.append(image)
+    write_jsonl(root / "c.jsonl", [{"id": str(i), "image": f"{i}.png", "caption": "shape"} for i in range(160)])
+    cfg = write_config(root / "cfg.yaml", [{"name": "s", "format": "image_folder", "image_dir": "images",
+                                           "annotations": ["c.jsonl"]}])
+    ckpt = str(near_tie_shapes_vq(images).save_pretrained(tmp_path / "vq"))
+    one, two = tmp_path / "one", tmp_path / "two"
+    kwargs = dict(tokenizer="shapes", checkpoint=ckpt, batch_size=4, shard_size=40)
+    users_threads = (os.cpu_count() or 1) // 2 + 1  # a user's process: not what a worker of two would get
+    before = torch.get_num_threads()
+    torch.set_num_threads(users_threads)
+    try:
+        encode(cfg, str(one), num_workers=1, **kwargs)
+        assert torch.get_num_threads() == users_threads  # the caller's setting is restored
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        for rank in (1, 0):
+            monkeypatch.setenv("RANK", str(rank))
+            encode(cfg, str(two), **kwargs)
+    finally:
+        torch.set_num_threads(before)
+    lines_one, lines_two = sorted_lines(one), sorted_lines(two)
+    assert len(lines_one) == 160 and len({json.dumps(json.loads(x)["images"]) for x in lines_one}) > 100
+    assert sorted(p.name for p in (two / "s").glob("part-*")) == [  # really split between the two workers
+        "part-000-00000.jsonl", "part-000-00002.jsonl", "part-001-00001.jsonl", "part-001-00003.jsonl"]
+    assert lines_one == lines_two
+    m1, m2 = (json.loads((d / "manifest.json").read_text()) for d in (one, two))
+    assert m1["encoding"] == m2["encoding"] == {"threads": 1, "batch_size": 4, "device": "cpu"}
