@@ -224,3 +224,124 @@ def test_decoder_equals_taming_layout(small_model):
         expected = ref(small_model.post_quant_conv(q)).clamp(-1, 1)
         # (float tolerance: a non-contiguous input takes another conv kernel)
         torch.testing.assert_close(small_model.decode(codes, (4, 4)), expected, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- the published checkpoint layout
+def taming_vqgan_shapes(ch: int, ch_mult: list[int], num_res_blocks: int, attn_resolutions: list[int],
+                        resolution: int, z_channels: int, embed_dim: int, n_embed: int,
+                        in_channels: int = 3, out_ch: int = 3) -> dict[str, tuple[int, ...]]:
+    """Every key of a taming-transformers ``VQModel`` state dict with its shape, written out from the published
+    architecture, not from our key map.
+
+    Source: taming-transformers ``taming/modules/diffusionmodules/model.py`` (``Encoder``, ``Decoder``,
+    ``ResnetBlock`` with ``temb_channels=0`` and a 1x1 ``nin_shortcut`` when the width changes, ``AttnBlock`` =
+    norm/q/k/v/proj_out 1x1 convs, conv ``Downsample``/``Upsample``) and ``taming/models/vqgan.py`` (``VQModel``:
+    ``quant_conv``, ``quantize.embedding``, ``post_quant_conv``; the ``loss.*`` modules are training-only), as
+    vendored unchanged in facebookresearch/chameleon ``chameleon/inference/vqgan.py``. Encoder levels are
+    ``down.{i}`` from full resolution; decoder levels ``up.{i}`` are stored by level index (``up.insert(0, ...)``),
+    each with ``num_res_blocks + 1`` blocks; attention sits after each block of a level whose resolution is in
+    ``attn_resolutions``, and always in the mid blocks.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def conv(name: str, c_out: int, c_in: int, k: int) -> None:
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (c_out, c_in, k, k), (c_out,)
+
+    def norm(name: str, c: int) -> None:
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (c,), (c,)
+
+    def resnet(name: str, c_in: int, c_out: int) -> None:
+        norm(f"{name}.norm1", c_in)
+        conv(f"{name}.conv1", c_out, c_in, 3)
+        norm(f"{name}.norm2", c_out)
+        conv(f"{name}.conv2", c_out, c_out, 3)
+        if c_in != c_out:
+            conv(f"{name}.nin_shortcut", c_out, c_in, 1)
+
+    def attn(name: str, c: int) -> None:
+        norm(f"{name}.norm", c)
+        for part in ("q", "k", "v", "proj_out"):
+            conv(f"{name}.{part}", c, c, 1)
+
+    levels, top = len(ch_mult), ch * ch_mult[-1]
+    conv("encoder.conv_in", ch, in_channels, 3)
+    res, c_in = resolution, ch
+    for i in range(levels):
+        for j in range(num_res_blocks):
+            resnet(f"encoder.down.{i}.block.{j}", c_in, ch * ch_mult[i])
+            c_in = ch * ch_mult[i]
+            if res in attn_resolutions:
+                attn(f"encoder.down.{i}.attn.{j}", c_in)
+        if i != levels - 1:
+            conv(f"encoder.down.{i}.downsample.conv", c_in, c_in, 3)
+            res //= 2
+    for side in ("encoder", "decoder"):
+        resnet(f"{side}.mid.block_1", top, top)
+        attn(f"{side}.mid.attn_1", top)
+        resnet(f"{side}.mid.block_2", top, top)
+    norm("encoder.norm_out", top)
+    conv("encoder.conv_out", z_channels, top, 3)
+    conv("quant_conv", embed_dim, z_channels, 1)
+    shapes["quantize.embedding.weight"] = (n_embed, embed_dim)
+    conv("post_quant_conv", z_channels, embed_dim, 1)
+    conv("decoder.conv_in", top, z_channels, 3)
+    res, c_in = resolution // 2 ** (levels - 1), top
+    for i in reversed(range(levels)):
+        for j in range(num_res_blocks + 1):
+            resnet(f"decoder.up.{i}.block.{j}", c_in, ch * ch_mult[i])
+            c_in = ch * ch_mult[i]
+            if res in attn_resolutions:
+                attn(f"decoder.up.{i}.attn.{j}", c_in)
+        if i != 0:
+            conv(f"decoder.up.{i}.upsample.conv", c_in, c_in, 3)
+            res *= 2
+    norm("decoder.norm_out", c_in)
+    conv("decoder.conv_out", out_ch, c_in, 3)
+    return shapes
+
+
+# Chameleon's / Anole's vqgan.yaml (ddconfig + n_embed/embed_dim). The yaml ships with the weights, not in the
+# chameleon repository, so these values are as transformers' ChameleonVQVAEConfig (converted from it) gives them:
+# 8192 codes of dim 256, ch 128, ch_mult [1, 1, 2, 2, 4], 2 res blocks, no attention outside the mid blocks, 512 px.
+CHAMELEON_DDCONFIG = dict(ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, attn_resolutions=[], resolution=512,
+                          z_channels=256, embed_dim=256, n_embed=8192)
+
+
+def test_real_vqgan_ckpt_key_set_and_shapes_are_exactly_ours():
+    expected = taming_vqgan_shapes(**CHAMELEON_DDCONFIG)
+    # Counted by hand (weight + bias each, the codebook alone): encoder = conv_in 2 + 10 blocks x 8 + 2 shortcuts
+    # (128->256, 256->512) x 2 + 4 downsamples x 2 + mid (2 blocks x 8 + attention 10) + norm_out 2 + conv_out 2 = 124;
+    # quant_conv 2 + codebook 1 + post_quant_conv 2 = 5; decoder = conv_in 2 + mid 26 + 15 blocks x 8 + 2 shortcuts
+    # (512->256, 256->128) x 2 + 4 upsamples x 2 + norm_out 2 + conv_out 2 = 164.
+    assert len(expected) == 124 + 5 + 164
+    with torch.device("meta"):
+        ours = {k: tuple(v.shape) for k, v in ChameleonVQGAN().taming_state_dict().items()}
+    assert sorted(set(expected) - set(ours)) == [] and sorted(set(ours) - set(expected)) == []  # no missing/extra
+    assert {k: v for k, v in ours.items() if v != expected[k]} == {}
+
+
+def test_loader_consumes_exactly_the_published_keys(tmp_path):
+    """A checkpoint written from the published layout (here with attention at 16 px, so ``down.{i}.attn`` and
+    ``up.{i}.attn`` are covered too) loads strictly, every tensor lands where taming put it, and one renamed key
+    fails naming it."""
+    cfg = {**SMALL, "attn_resolutions": [16], "num_res_blocks": 2}  # 2 blocks per level, as Chameleon
+    shapes = taming_vqgan_shapes(ch=cfg["base_channels"], ch_mult=cfg["channel_multiplier"],
+                                 num_res_blocks=cfg["num_res_blocks"], attn_resolutions=cfg["attn_resolutions"],
+                                 resolution=cfg["resolution"], z_channels=cfg["latent_channels"],
+                                 embed_dim=cfg["embed_dim"], n_embed=cfg["num_embeddings"])
+    assert "encoder.down.1.attn.1.proj_out.weight" in shapes and "decoder.up.1.attn.2.q.bias" in shapes
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    ckpt, conf = _save_lightning(tmp_path, _with_loss_keys(state), cfg)
+    model = ChameleonVQGAN.from_checkpoint(ckpt, conf)
+    loaded = model.taming_state_dict()
+    assert set(loaded) == set(state)
+    assert [k for k in state if not torch.equal(loaded[k], state[k])] == []
+    # the decoder's up.0 (full resolution, taming's index) must hold the 32-channel blocks, up.2 the lowest level
+    assert model.decoder.up[-1].block[0].conv1.weight.data_ptr() == loaded["decoder.up.0.block.0.conv1.weight"].data_ptr()
+    renamed = dict(state)
+    renamed["encoder.mid.attn_1.proj.weight"] = renamed.pop("encoder.mid.attn_1.proj_out.weight")
+    ckpt, conf = _save_lightning(tmp_path, renamed, cfg)
+    with pytest.raises(ValueError, match=r"missing keys: encoder.mid.attn_1.proj_out.weight; "
+                                         r"unexpected keys: encoder.mid.attn_1.proj.weight"):
+        ChameleonVQGAN.from_checkpoint(ckpt, conf)
