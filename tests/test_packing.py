@@ -18,16 +18,36 @@ def test_mode0_one_sample_per_row_and_overlong_dropped():
     assert r.dropped == [1] and r.split == []
 
 
-def test_mode1_splits_text_but_never_an_image():
-    # sample 1 has an image at [2, 5): the cut at 3 would break it and moves to 2
+def test_mode1_multimodal_sample_that_does_not_fit_moves_whole():
+    # sample 1 holds an image at [2, 5): it does not fit the 3 tokens left after sample 0, so the row closes and it
+    # moves whole (the old packer cut it at 2: the image trained in a row of its own, with no caption in view)
     r = pack([5, 6, 4], seq_len=8, mode=1, image_spans=[[], [(2, 5)], []])
-    assert bins(r) == [[(0, 0, 5), (1, 0, 2)], [(1, 2, 6), (2, 0, 4)]]
-    assert r.split == [1] and r.dropped == []
+    assert bins(r) == [[(0, 0, 5)], [(1, 0, 6), (2, 0, 2)], [(2, 2, 4)]]
+    assert r.split == [2] and r.dropped == []  # only the text-only sample 2 is split
 
 
-def test_mode1_overlong_sample_is_split_across_rows_at_text():
-    r = pack([10, 3], seq_len=4, mode=1, image_spans=[[(3, 6)], []])
-    assert bins(r) == [[(0, 0, 3)], [(0, 3, 7)], [(0, 7, 10), (1, 0, 1)], [(1, 1, 3)]]
+def test_mode1_text_fills_the_row_and_image_sample_follows_whole():
+    r = pack([3, 7, 4, 2], seq_len=8, mode=1, image_spans=[[], [], [(0, 4)], []])
+    assert bins(r) == [[(0, 0, 3), (1, 0, 5)], [(1, 5, 7), (2, 0, 4), (3, 0, 2)]]
+    assert r.split == [1]
+
+
+def test_mode1_overlong_text_sample_is_split_at_the_row_ends():
+    r = pack([10, 3], seq_len=4, mode=1, image_spans=[[], []])
+    assert bins(r) == [[(0, 0, 4)], [(0, 4, 8)], [(0, 8, 10), (1, 0, 2)], [(1, 2, 3)]]
+    assert r.split == [0, 1] and r.dropped == []
+    r = pack([10, 3], seq_len=4, mode=1, overlong="drop")
+    assert bins(r) == [[(1, 0, 3)]] and r.dropped == [0]
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_overlong_multimodal_sample_is_dropped_and_counted_even_when_splitting(mode):
+    # sample 1 (image at [3, 6), caption around it) is longer than a row: splitting it would separate the image
+    # from its text, so it is dropped and counted whatever the overlong policy
+    r = pack([2, 10, 3], seq_len=6, mode=mode, image_spans=[[], [(3, 6)], []], overlong="split")
+    assert r.dropped == [1] and r.dropped_multimodal == [1] and r.split == []
+    expected = {0: [[(0, 0, 2)], [(2, 0, 3)]], 1: [[(0, 0, 2), (2, 0, 3)]], 2: [[(2, 0, 3), (0, 0, 2)]]}
+    assert bins(r) == expected[mode]
 
 
 def test_mode2_best_fit_decreasing_exact():
@@ -38,19 +58,14 @@ def test_mode2_best_fit_decreasing_exact():
 
 
 def test_mode2_overlong_split_or_drop_counts():
-    spans = [[(1, 9)], [], [(0, 3)]]
+    spans = [[], [], [(0, 3)]]
     r = pack([12, 3, 5], seq_len=8, mode=2, image_spans=spans, overlong="split")
-    # sample 0: cut at 8 would break [1, 9), moves to 1 -> pieces (0,1), (1,9), (9,12)
-    assert split_sample(12, 8, spans[0]) == [(0, 1), (1, 9), (9, 12)]
+    # sample 0 is text only: pieces (0,8), (8,12), each its own document
+    assert split_sample(12, 8) == [(0, 8), (8, 12)]
     assert r.split == [0] and r.dropped == []
-    assert bins(r) == [[(0, 1, 9)], [(2, 0, 5), (0, 9, 12)], [(1, 0, 3), (0, 0, 1)]]
+    assert bins(r) == [[(0, 0, 8)], [(2, 0, 5), (1, 0, 3)], [(0, 8, 12)]]
     r = pack([12, 3, 5], seq_len=8, mode=2, image_spans=spans, overlong="drop")
-    assert r.dropped == [0] and bins(r) == [[(2, 0, 5), (1, 0, 3)]]
-
-
-def test_image_longer_than_row_is_dropped_even_when_splitting():
-    r = pack([2, 10], seq_len=6, mode=1, image_spans=[[], [(1, 9)]], overlong="split")
-    assert r.dropped == [1] and bins(r) == [[(0, 0, 2)]]
+    assert r.dropped == [0] and r.dropped_multimodal == [] and bins(r) == [[(2, 0, 5), (1, 0, 3)]]
 
 
 @pytest.mark.parametrize(
@@ -73,7 +88,7 @@ def test_padded_utilisation():
 
 # ------------------------------------------------------------------------------------------- invariants
 @pytest.mark.parametrize("mode", [0, 1, 2])
-def test_every_kept_token_once_rows_fit_images_whole(mode):
+def test_every_kept_token_once_rows_fit_multimodal_samples_whole(mode):
     rng = random.Random(mode)
     lengths, spans = [], []
     for _ in range(300):
@@ -91,8 +106,9 @@ def test_every_kept_token_once_rows_fit_images_whole(mode):
         assert 0 < sum(p.length for p in row) <= seq_len
         for p in row:
             covered[p.sample].append((p.start, p.end))
-            for a, b in spans[p.sample]:
-                assert not (p.start < a < p.end < b) and not (a < p.start < b), f"image {a, b} cut by {p}"
+            if spans[p.sample]:  # a sample with an image is one whole document
+                assert (p.start, p.end) == (0, lengths[p.sample]), f"multimodal sample cut: {p}"
+    assert r.dropped == [i for i, n in enumerate(lengths) if n > seq_len and spans[i]]
     for i, n in enumerate(lengths):
         if i in r.dropped:
             assert covered[i] == []

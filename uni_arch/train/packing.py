@@ -8,16 +8,17 @@ packing exactly testable (``tests/test_packing.py`` pins the bins of tiny inputs
 Modes (``use_data_packing``, the reference knob):
 
 * ``0`` -- no packing: one sample per row; the collator pads rows into batches.
-* ``1`` -- pretraining packing: samples are concatenated in order and a row is filled to the brim; a sample that
-  does not fit is **split at a text position** and continues in the next row. An image block is never cut: when
-  the cut would fall inside one, it moves to the block's start.
+* ``1`` -- pretraining packing: samples are concatenated in order and a row is filled to the brim; a *text-only*
+  sample that does not fit the rest of a row is split and continues in the next row. A sample with an image is
+  never split: it moves whole to the next row (the rest of the row is padding). Cutting one would train the image
+  with no caption in view (an unconditional image) or a caption without its image.
 * ``2`` -- SFT packing: whole samples, best-fit decreasing (each sample, longest first, goes into the fullest row
   that still has room). A conversation is never split across rows.
 
-Overlong samples (longer than a row) are split at text positions when ``overlong="split"`` (each piece becomes its
-own document) or dropped when ``overlong="drop"``; a sample whose single image block is longer than a row can only
-be dropped. The result counts both, so the caller logs one warning with the numbers. Nothing is ever truncated
-silently, and never mid-image.
+Overlong samples (longer than a row): a text-only one is split into row-sized pieces when ``overlong="split"``
+(each piece becomes its own document) or dropped when ``overlong="drop"``; a sample with an image can only be
+dropped, whatever the policy. The result counts both (``dropped``, ``dropped_multimodal``, ``split``), so the
+caller logs one warning with the numbers. Nothing is ever truncated silently.
 
 Measured token utilisation (``python tools/bench.py train``; real tokens / capacity; mode 0 pads batches of
 17 (shapes) and 10 (mixed) samples, which hold about as many real tokens as one 4096-token packed row):
@@ -36,11 +37,11 @@ costs no attention compute).
 >>> r = pack([5, 3, 4], seq_len=8, mode=2)
 >>> [[(p.sample, p.start, p.end) for p in row] for row in r.rows]
 [[(0, 0, 5), (1, 0, 3)], [(2, 0, 4)]]
->>> r = pack([5, 6], seq_len=8, mode=1, image_spans=[[], [(2, 5)]])  # the cut moves before the image
+>>> r = pack([5, 6, 4], seq_len=8, mode=1, image_spans=[[], [(2, 5)], []])  # the image sample moves whole
 >>> [[(p.sample, p.start, p.end) for p in row] for row in r.rows]
-[[(0, 0, 5), (1, 0, 2)], [(1, 2, 6)]]
+[[(0, 0, 5)], [(1, 0, 6), (2, 0, 2)], [(2, 2, 4)]]
 >>> round(utilisation(r.rows, 8), 3)
-0.688
+0.625
 """
 
 from __future__ import annotations
@@ -72,43 +73,18 @@ class PackResult:
     """Rows of pieces, plus what happened to the overlong samples (for one counted warning)."""
 
     rows: list[list[Piece]]
-    dropped: list[int] = field(default_factory=list)
-    split: list[int] = field(default_factory=list)
+    dropped: list[int] = field(default_factory=list)  # every dropped sample, in sample order
+    dropped_multimodal: list[int] = field(default_factory=list)  # the dropped ones that hold an image
+    split: list[int] = field(default_factory=list)  # text-only samples cut into several documents
 
 
-def _inside_image(cut: int, spans: Sequence[Span]) -> Span | None:
-    """The image span that a cut before token ``cut`` would break, if any."""
-    for start, end in spans:
-        if start < cut < end:
-            return (start, end)
-    return None
+def split_sample(length: int, seq_len: int) -> list[Span]:
+    """Cut a text-only sample into consecutive pieces of at most ``seq_len`` tokens.
 
-
-def _text_cut(start: int, end: int, budget: int, spans: Sequence[Span]) -> int:
-    """The largest cut ``c`` in ``(start, start+budget]`` that breaks no image; ``start`` if there is none."""
-    cut = min(end, start + budget)
-    span = _inside_image(cut, spans)
-    if span is not None:
-        cut = span[0]
-    return cut if cut > start else start
-
-
-def split_sample(length: int, seq_len: int, spans: Sequence[Span] = ()) -> list[Span] | None:
-    """Cut one sample into consecutive pieces of at most ``seq_len`` tokens at text positions only.
-
-    Returns ``None`` when impossible (an image block longer than ``seq_len``).
-
-    >>> split_sample(10, 4, [(3, 6)])
-    [(0, 3), (3, 7), (7, 10)]
+    >>> split_sample(10, 4)
+    [(0, 4), (4, 8), (8, 10)]
     """
-    pieces, pos = [], 0
-    while pos < length:
-        cut = _text_cut(pos, length, seq_len, spans)
-        if cut == pos:
-            return None
-        pieces.append((pos, cut))
-        pos = cut
-    return pieces
+    return [(a, min(a + seq_len, length)) for a in range(0, length, seq_len)]
 
 
 def _check(lengths: Sequence[int], seq_len: int, mode: int, image_spans, overlong: str) -> list[list[Span]]:
@@ -130,40 +106,36 @@ def _check(lengths: Sequence[int], seq_len: int, mode: int, image_spans, overlon
     return spans
 
 
-def _items(lengths, seq_len, spans, overlong, result: PackResult) -> list[Piece]:
-    """Whole samples that fit, plus the pieces of split overlong ones (in sample order)."""
-    items: list[Piece] = []
+def _keep(lengths, seq_len, spans, overlong, result: PackResult) -> list[int]:
+    """Samples that go into rows (in order); the overlong ones that cannot be split are recorded as dropped."""
+    kept = []
     for i, n in enumerate(lengths):
-        if n <= seq_len:
-            items.append(Piece(i, 0, n))
-            continue
-        cuts = split_sample(n, seq_len, spans[i]) if overlong == "split" else None
-        if cuts is None:
+        if n > seq_len and (spans[i] or overlong == "drop"):
             result.dropped.append(i)
+            if spans[i]:
+                result.dropped_multimodal.append(i)
         else:
-            result.split.append(i)
-            items.extend(Piece(i, a, b) for a, b in cuts)
-    return items
+            kept.append(i)
+    return kept
 
 
-def _pack_pretrain(lengths, seq_len, spans) -> list[list[Piece]]:
-    """Mode 1: fill rows in order; split a sample at a text position when it does not fit the rest of a row."""
+def _pack_pretrain(samples: Sequence[int], lengths, seq_len, spans) -> list[list[Piece]]:
+    """Mode 1: fill rows in order; a text-only sample is split where the row ends, a sample with an image moves
+    whole to the next row (``samples`` holds no multimodal sample longer than a row)."""
     rows: list[list[Piece]] = []
     row: list[Piece] = []
     used = 0
-    for i, n in enumerate(lengths):
+    for i in samples:
+        n = lengths[i]
+        if spans[i] and n > seq_len - used:  # does not fit what is left: the row closes, the sample moves whole
+            rows.append(row)
+            row, used = [], 0
         pos = 0
         while pos < n:
-            cut = _text_cut(pos, n, seq_len - used, spans[i])
-            if cut == pos:  # nothing of it fits here without cutting an image: close the row
-                if not row:
-                    break  # an image block longer than a row: unreachable after _items filtering
-                rows.append(row)
-                row, used = [], 0
-                continue
-            row.append(Piece(i, pos, cut))
-            used += cut - pos
-            pos = cut
+            end = min(n, pos + seq_len - used)
+            row.append(Piece(i, pos, end))
+            used += end - pos
+            pos = end
             if used == seq_len:
                 rows.append(row)
                 row, used = [], 0
@@ -198,21 +170,24 @@ def pack(
     image_spans: Sequence[Sequence[Span]] | None = None,
     overlong: OverlongPolicy = "split",
 ) -> PackResult:
-    """Pack samples of ``lengths`` into rows of at most ``seq_len`` tokens (see the module docstring)."""
+    """Pack samples of ``lengths`` into rows of at most ``seq_len`` tokens (see the module docstring).
+
+    ``image_spans[i]`` non-empty marks sample ``i`` as multimodal: it is never split.
+    """
     spans = _check(lengths, seq_len, mode, image_spans, overlong)
     result = PackResult(rows=[])
-    items = _items(lengths, seq_len, spans, overlong, result)
-    if mode == 0:
-        result.rows = [[p] for p in items]
-    elif mode == 1:
-        kept = {p.sample for p in items}
-        # Pretraining packing re-splits freely, so hand it whole samples (minus the dropped ones).
-        index = sorted(kept)
-        sub_rows = _pack_pretrain([lengths[i] for i in index], seq_len, [spans[i] for i in index])
-        result.rows = [[Piece(index[p.sample], p.start, p.end) for p in row] for row in sub_rows]
+    kept = _keep(lengths, seq_len, spans, overlong, result)
+    if mode == 1:
+        result.rows = _pack_pretrain(kept, lengths, seq_len, spans)
         result.split = sorted({p.sample for row in result.rows for p in row if p.length != lengths[p.sample]})
-    else:
-        result.rows = _pack_bfd(items, seq_len)
+        return result
+    items: list[Piece] = []
+    for i in kept:  # modes 0 and 2 place whole documents: only an overlong text sample becomes pieces
+        pieces = split_sample(lengths[i], seq_len)
+        if len(pieces) > 1:
+            result.split.append(i)
+        items.extend(Piece(i, a, b) for a, b in pieces)
+    result.rows = [[p] for p in items] if mode == 0 else _pack_bfd(items, seq_len)
     return result
 
 
