@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,13 @@ def build_sample_builder(data_args: DataArguments, tokenizer, code_vocab: CodeVo
 
 
 def build_train_dataset(data_args: DataArguments, training_args: UniTrainingArguments, sample_builder, code_vocab):
-    """Map-style packed rows, or a stream of them (``streaming_data=1``; needs ``max_steps``)."""
+    """Map-style packed rows, or a stream of them (``streaming_data=1``; needs ``max_steps``).
+
+    Map-style: the dataset holds every data epoch that training reads, each with its own per-occurrence draws
+    (``dataset.py``). With ``max_steps`` that is as many epochs as the steps need rows; with ``num_train_epochs`` it
+    is ``ceil(num_train_epochs)`` epochs, and ``num_train_epochs`` becomes the fraction of that plan to train, so
+    the Trainer makes one pass over fresh draws instead of replaying the first epoch's.
+    """
     from uni_arch.train import dataset as ds
 
     sources = ds.parse_data_path(data_args.data_path)
@@ -88,11 +95,23 @@ def build_train_dataset(data_args: DataArguments, training_args: UniTrainingArgu
     if data_args.streaming_data:
         if training_args.max_steps <= 0:
             raise ValueError("streaming_data=1 needs max_steps > 0 (a stream has no length to derive epochs from)")
-        num_shards = max(8, training_args.world_size * max(1, training_args.dataloader_num_workers))
+        num_groups = training_args.world_size * max(1, training_args.dataloader_num_workers)
         return ds.build_streaming_dataset(sources, sample_builder, code_vocab, buffer=data_args.packing_buffer,
-                                          num_shards=num_shards, **common)
-    return ds.build_map_dataset(sources, sample_builder, code_vocab,
-                                batch_size=training_args.per_device_train_batch_size, **common)
+                                          num_shards=max(8, num_groups), num_groups=num_groups, **common)
+    if training_args.max_steps > 0:
+        epochs = 1
+        min_rows = (training_args.max_steps * training_args.per_device_train_batch_size
+                    * training_args.gradient_accumulation_steps * training_args.world_size)
+    else:
+        epochs, min_rows = max(1, math.ceil(training_args.num_train_epochs)), 0
+    dataset = ds.build_map_dataset(sources, sample_builder, code_vocab, epochs=epochs, min_rows=min_rows,
+                                   batch_size=training_args.per_device_train_batch_size, **common)
+    if training_args.max_steps <= 0 and dataset.epochs > 1:
+        fraction = training_args.num_train_epochs / dataset.epochs
+        logger.info(f"num_train_epochs={training_args.num_train_epochs}: one pass over {fraction:.4g} of the "
+                    f"{dataset.epochs}-epoch plan (each data epoch has its own draws)")
+        training_args.num_train_epochs = fraction
+    return dataset
 
 
 # ------------------------------------------------------------------------------------------ model

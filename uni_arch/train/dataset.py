@@ -9,20 +9,33 @@ down-sampled (deterministically, with ``shuffle_seed``) to its share.
 *before* training starts: a malformed record or an out-of-range code stops the run with ``file:line: field:
 problem`` (``skip_bad_records`` counts, warns and skips instead). A code is never clamped.
 
-**Determinism.** A sample's random choices (text-to-image or image-to-text, CFG dropout, question wording) come from
-an rng seeded by ``(shuffle_seed, record id)``, so they do not depend on order, rank or worker. Given the seed the
-rows are a pure function of the data, which is what makes resuming exact: the Trainer's resume skips the batches
-already consumed (map-style: through its seeded sampler; streaming: by re-reading the deterministic stream), so no
-sample is trained twice or skipped within an epoch (``tests/test_train_resume.py``).
+**Per-occurrence draws.** A sample's random choices (text-to-image or image-to-text, CFG dropout, question
+wording) come from an rng seeded by ``(shuffle_seed, data epoch, occurrence)``: the occurrence is the sample's place
+in its epoch (map-style: its index in the mixed epoch; streaming: shard and position in the shard). So a record
+up-sampled by the mix, or seen again in the next epoch, is a fresh draw: over the epochs an ``image_text`` record is
+t2i in a ``t2i_ratio`` share of its occurrences and CFG dropout hits a different 10% each time. (Seeding by the
+record id alone made every copy identical.)
+
+**Epochs.** The Trainer sizes its epoch from ``len(dataset)`` once and replays the same rows in every pass, so a
+map-style dataset holds the whole *plan*: as many data epochs as training reads (``min_rows`` rows, or ``epochs``),
+each mixed, rendered and packed with its own draws, back to back. Streaming is an endless sequence of data epochs.
+
+**Determinism.** Given the seed the rows are a pure function of the data and the arguments, which is what makes
+resuming exact: the Trainer's resume skips the batches already consumed (map-style: through its seeded sampler;
+streaming: by re-reading the deterministic stream), so no sample is trained twice or skipped
+(``tests/test_train_resume.py``).
 
 **Ranks.** Map-style rows are split across ranks by the Trainer's distributed sampler. The stream is a
 ``datasets.IterableDataset`` over ``num_shards`` virtual shards (record ``i`` of a source belongs to shard
-``i % num_shards``); accelerate gives each rank its own shards, so ranks read disjoint records.
+``i % num_shards``), handed out in ``num_groups`` groups (one per rank and dataloader worker); accelerate gives
+each rank its own groups, so ranks read disjoint records. A group, not a shard, is the unit datasets iterates: it
+runs one generator per unit in turn, and an endless generator per shard would never let the second shard start.
 """
 
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import math
 import random
@@ -166,8 +179,12 @@ def iter_source_records(source: Source, vocab: CodeVocab, on_bad: BadRecordCount
 
 
 # ------------------------------------------------------------------------------------------- mixing
-def mix_indices(sizes: Sequence[int], weights: Sequence[float], percentage: float, seed: int) -> list[tuple[int, int]]:
+def mix_indices(sizes: Sequence[int], weights: Sequence[float], percentage: float, seed: int,
+                epoch: int = 0) -> list[tuple[int, int]]:
     """``(source, index)`` pairs of one epoch: each source shuffled, cut to ``percentage``, resampled to its weight.
+
+    The ``percentage`` subset depends on ``seed`` only (the same records every epoch); which records an up-/down-
+    sampled source repeats or leaves out, and the epoch's order, change with ``epoch``.
 
     >>> mix_indices([4, 2], [1.0, 1.0], 1.0, 0).__len__()
     6
@@ -180,22 +197,29 @@ def mix_indices(sizes: Sequence[int], weights: Sequence[float], percentage: floa
         kept.append(order[: max(1, math.floor(n * percentage))] if n else [])
     total = sum(len(k) for k in kept)
     targets = [round(total * w / sum(weights)) for w in weights]
+    epoch_rng = random.Random(f"{seed}:mix:{epoch}")
     out = []
     for s, (k, target) in enumerate(zip(kept, targets)):
         if not k:
             raise ValueError(f"data_path: source {s} has no valid records")
-        repeats = [k[i % len(k)] for i in range(target)]  # deterministic up-/down-sampling
-        out.extend((s, i) for i in repeats)
-    rng.shuffle(out)
+        k = list(k)
+        epoch_rng.shuffle(k)
+        out.extend((s, k[i % len(k)]) for i in range(target))  # deterministic up-/down-sampling
+    epoch_rng.shuffle(out)
     return out
 
 
 # ------------------------------------------------------------------------------------------ render
-def render(item: Located, builder: SampleBuilderLike, seed: int) -> RenderedSample:
-    """Build one sample with an rng private to ``(seed, record.id)`` (order-, rank- and worker-independent)."""
+def draw_rng(seed: int, epoch: int, occurrence: int | str) -> random.Random:
+    """The rng of one occurrence of a sample: independent across epochs and across up-sampled copies."""
+    return random.Random(f"{seed}:{epoch}:{occurrence}")
+
+
+def render(item: Located, builder: SampleBuilderLike, rng: random.Random) -> RenderedSample:
+    """Build one sample with its occurrence's rng (:func:`draw_rng`: order-, rank- and worker-independent)."""
     record = item.record
     try:
-        sample = builder.build(record, random.Random(f"{seed}:{record.id}"))
+        sample = builder.build(record, rng)
     except SampleError as e:
         raise RecordError(item.path, item.line, "<sample>", str(e)) from e
     ids = np.asarray(sample.input_ids, dtype=np.int32)
@@ -205,13 +229,13 @@ def render(item: Located, builder: SampleBuilderLike, seed: int) -> RenderedSamp
     return RenderedSample(record.id, ids, labels, [tuple(map(int, s)) for s in sample.image_spans])
 
 
-def render_all(items: Sequence[Located], builder: SampleBuilderLike, seed: int, on_bad: BadRecordCounter,
+def render_all(items: Sequence[tuple[Located, random.Random]], builder: SampleBuilderLike, on_bad: BadRecordCounter,
                desc: str | None = None) -> list[RenderedSample]:
-    """Render records; one that cannot become a sample is a bad record (raised, or counted and skipped)."""
+    """Render ``(record, rng)`` pairs; one that cannot become a sample is a bad record (raised, or counted)."""
     out = []
-    for item in tqdm(items, desc=desc, mininterval=5, disable=desc is None):
+    for item, rng in tqdm(items, desc=desc, mininterval=5, disable=desc is None):
         try:
-            out.append(render(item, builder, seed))
+            out.append(render(item, builder, rng))
         except RecordError as e:
             on_bad(e)
     return out
@@ -224,8 +248,9 @@ def rows_from_samples(
     result = pack([len(s.input_ids) for s in samples], seq_len, mode, [s.image_spans for s in samples], overlong)
     if result.dropped or result.split:
         logger.warning(
-            f"{log_prefix}{len(result.dropped)} sample(s) longer than model_max_length={seq_len} dropped, "
-            f"{len(result.split)} split at text positions (overlong={overlong})"
+            f"{log_prefix}{len(result.dropped)} sample(s) longer than model_max_length={seq_len} dropped "
+            f"({len(result.dropped_multimodal)} with an image: never split from their text), "
+            f"{len(result.split)} text-only sample(s) split (overlong={overlong})"
         )
     rows = []
     for row in result.rows:
@@ -255,8 +280,8 @@ def log_utilisation(rows: Sequence[dict[str, Any]], seq_len: int, mode: int, bat
 class PackedRowDataset:
     """Map-style dataset of packed rows (a plain sequence; the Trainer's sampler shuffles and shards it)."""
 
-    def __init__(self, rows: list[dict[str, Any]]):
-        self.rows = rows
+    def __init__(self, rows: list[dict[str, Any]], epochs: int = 1):
+        self.rows, self.epochs = rows, epochs
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -277,16 +302,27 @@ def build_map_dataset(
     seed: int = 0,
     skip_bad_records: bool = False,
     batch_size: int = 1,
+    epochs: int = 1,
+    min_rows: int = 0,
 ) -> PackedRowDataset:
-    """Validate every record, render the mixed epoch, pack it: everything before training starts."""
+    """Validate every record, then mix, render and pack data epochs (each with its own draws) until there are
+    ``epochs`` of them and at least ``min_rows`` rows: everything before training starts."""
     on_bad = BadRecordCounter(skip_bad_records)
     per_source = [list(iter_source_records(s, vocab, on_bad)) for s in sources]
-    order = mix_indices([len(r) for r in per_source], [s.weight for s in sources], percentage, seed)
-    samples = render_all([per_source[s][i] for s, i in order], builder, seed, on_bad, desc="render samples")
+    sizes, weights = [len(r) for r in per_source], [s.weight for s in sources]
+    rows: list[dict[str, Any]] = []
+    epoch = 0
+    while epoch < epochs or len(rows) < min_rows:
+        order = mix_indices(sizes, weights, percentage, seed, epoch)
+        items = [(per_source[s][i], draw_rng(seed, epoch, k)) for k, (s, i) in enumerate(order)]
+        samples = render_all(items, builder, on_bad, desc=f"render samples (epoch {epoch})")
+        if not samples:
+            raise ValueError("data_path: no record could be rendered into a sample")
+        rows += rows_from_samples(samples, seq_len, mode, overlong, f"epoch {epoch}: ")
+        epoch += 1
     on_bad.report()
-    rows = rows_from_samples(samples, seq_len, mode, overlong)
-    log_utilisation(rows, seq_len, mode, batch_size)
-    return PackedRowDataset(rows)
+    log_utilisation(rows, seq_len, mode, batch_size, f"{epoch} data epoch(s): ")
+    return PackedRowDataset(rows, epoch)
 
 
 # ---------------------------------------------------------------------------------------- streaming
@@ -309,26 +345,36 @@ def stream_rows(
     seed: int,
     skip_bad_records: bool,
     buffer: int,
+    epochs: int | None = 1,
 ) -> Iterator[dict[str, Any]]:
-    """Rows of the given virtual shards: interleave sources by weight, render, pack every ``buffer`` samples."""
-    for shard in shards:
-        rng = random.Random(f"{seed}:shard:{shard}")
-        on_bad = BadRecordCounter(skip_bad_records)
-        its = [_shard_records(s, vocab, on_bad, shard, num_shards, percentage) for s in sources]
-        weights = [s.weight for s in sources]
-        pending: list[RenderedSample] = []
-        while True:
-            k = rng.choices(range(len(its)), weights=weights)[0] if len(its) > 1 else 0
-            item = next(its[k], None)
-            if item is None:  # first exhausted source ends the shard: keeps the mixture proportions
-                break
-            pending.extend(render_all([item], builder, seed, on_bad))
-            if len(pending) == buffer:
-                yield from _shuffled(rows_from_samples(pending, seq_len, mode, overlong, f"shard {shard}: "), rng)
-                pending = []
-        if pending:
-            yield from _shuffled(rows_from_samples(pending, seq_len, mode, overlong, f"shard {shard}: "), rng)
-        on_bad.report()
+    """Rows of the given virtual shards: interleave sources by weight, render, pack every ``buffer`` samples; then
+    the next data epoch (new interleaving and new draws), ``epochs`` times (None: without end; training stops at
+    ``max_steps``)."""
+    for epoch in itertools.count() if epochs is None else range(epochs):
+        for shard in shards:
+            rng = random.Random(f"{seed}:{epoch}:shard:{shard}")
+            on_bad = BadRecordCounter(skip_bad_records)
+            its = [_shard_records(s, vocab, on_bad, shard, num_shards, percentage) for s in sources]
+            weights = [s.weight for s in sources]
+            pending: list[RenderedSample] = []
+            prefix = f"epoch {epoch} shard {shard}: "
+            for position in itertools.count():
+                k = rng.choices(range(len(its)), weights=weights)[0] if len(its) > 1 else 0
+                item = next(its[k], None)
+                if item is None:  # first exhausted source ends the shard: keeps the mixture proportions
+                    break
+                pending.extend(render_all([(item, draw_rng(seed, epoch, f"{shard}.{position}"))], builder, on_bad))
+                if len(pending) == buffer:
+                    yield from _shuffled(rows_from_samples(pending, seq_len, mode, overlong, prefix), rng)
+                    pending = []
+            if pending:
+                yield from _shuffled(rows_from_samples(pending, seq_len, mode, overlong, prefix), rng)
+            on_bad.report()
+
+
+def _stream_groups(groups: Sequence[Sequence[int]], **kwargs: Any) -> Iterator[dict[str, Any]]:
+    """The generator datasets calls with its share of ``groups``: one stream over all their shards."""
+    yield from stream_rows(sorted(s for g in groups for s in g), **kwargs)
 
 
 def _shuffled(rows: list[dict[str, Any]], rng: random.Random) -> list[dict[str, Any]]:
@@ -364,9 +410,11 @@ def build_streaming_dataset(
     skip_bad_records: bool = False,
     buffer: int = 512,
     num_shards: int = 8,
+    num_groups: int = 1,
     validate: bool = True,
 ):
-    """A ``datasets.IterableDataset`` of packed rows over ``num_shards`` virtual shards (see the module doc)."""
+    """An endless ``datasets.IterableDataset`` of packed rows over ``num_shards`` virtual shards (see the module
+    doc); the Trainer stops it at ``max_steps``."""
     import datasets
 
     if validate:
@@ -379,13 +427,15 @@ def build_streaming_dataset(
             "sample_ids": datasets.Sequence(datasets.Value("string")),
         }
     )
-    gen: Callable[..., Iterator[dict[str, Any]]] = stream_rows
+    if not 1 <= num_groups <= num_shards:
+        raise ValueError(f"streaming: num_groups={num_groups} must be in [1, num_shards={num_shards}]")
+    gen: Callable[..., Iterator[dict[str, Any]]] = _stream_groups
     return datasets.IterableDataset.from_generator(
         gen,
         features=features,
         gen_kwargs=dict(
-            shards=list(range(num_shards)), num_shards=num_shards, sources=tuple(sources), builder=builder,
+            groups=[list(range(g, num_shards, num_groups)) for g in range(num_groups)], num_shards=num_shards, sources=tuple(sources), builder=builder,
             vocab=vocab, seq_len=seq_len, mode=mode, overlong=overlong, percentage=percentage, seed=seed,
-            skip_bad_records=skip_bad_records, buffer=buffer,
+            skip_bad_records=skip_bad_records, buffer=buffer, epochs=None,
         ),
     )
