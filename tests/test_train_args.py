@@ -92,3 +92,92 @@ def test_shipped_presets_parse():
     for p in presets:
         m, d, t = parse_args(["--config", str(p), "--output_dir", "out", "--model_config", "x.json"])
         assert t.max_steps != 0, p
+
+
+# ------------------------------------------------------------------------------ checkpoint vs arguments
+VOCAB_ARGS = dict(image_offset=1024, level_sizes=(512,), vision_start_id=3, vision_end_id=4)
+
+
+def _model_args(path, *extra):
+    m, _, _ = parse_args(["--model_name_or_path", str(path), "--output_dir", "out", "--use_cpu", "true", *extra])
+    return m
+
+
+@pytest.fixture(scope="module")
+def stock_qwen2(tmp_path_factory):
+    """A tiny stock ``Qwen2ForCausalLM`` as save_pretrained writes it (what a downloaded Qwen2.5 looks like)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    path = tmp_path_factory.mktemp("qwen2")
+    config = Qwen2Config(vocab_size=1100, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1)
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def uni_x_checkpoint(tmp_path_factory):
+    """A tiny Uni-X config.json (1 + 1 separated layers, all_modal_visible=0): the check reads nothing else."""
+    from modeling import UniXConfig
+    from modeling.vocab import CodeVocab
+
+    path = tmp_path_factory.mktemp("uni_x")
+    root = Path(__file__).resolve().parents[1]
+    UniXConfig.from_json_file(str(root / "configs/model/tiny_uni_x.json")).with_vocab(CodeVocab(**VOCAB_ARGS)) \
+        .save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("extra", [["--vision_encode_layers", "9"], []])
+def test_plain_qwen2_checkpoint_fails_before_any_work_with_the_conversion_command(stock_qwen2, extra):
+    from modeling.vocab import CodeVocab
+    from uni_arch.train import builders
+
+    m = _model_args(stock_qwen2, *extra)
+    with pytest.raises(ValueError, match=r"'qwen2' checkpoint, not a Uni-X toolkit one") as err:
+        builders.check_checkpoint(builders._checkpoint_config(m), m, CodeVocab(**VOCAB_ARGS))
+    command = str(err.value).splitlines()[1].strip()
+    assert command.startswith(f"python modeling/conversion.py --src {stock_qwen2} --dst {stock_qwen2}-uni_x "
+                              "--variant uni_x")
+    assert "--num_image_tokens 512 --image_offset 1024 --vision_start_token_id 3 --vision_end_token_id 4" in command
+    assert ("--vision_encode_layers 9" in command) == bool(extra)
+
+
+def test_plain_qwen2_checkpoint_fails_in_build_model_too(stock_qwen2):
+    from modeling.vocab import CodeVocab
+    from uni_arch.train import builders
+
+    m, d, _ = parse_args(["--model_name_or_path", str(stock_qwen2), "--output_dir", "out", "--use_cpu", "true",
+                          "--vision_encode_layers", "9"])
+    with pytest.raises(ValueError, match="modeling/conversion.py"):
+        builders.build_model(m, d, CodeVocab(**VOCAB_ARGS))
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--vision_encode_layers", "2"], r"vision_encode_layers=2 disagrees with .* \(vision_encode_layers=1\)"),
+        (["--vision_decode_layers", "0"], r"vision_decode_layers=0 disagrees with .* \(vision_decode_layers=1\)"),
+        (["--all_modal_visible", "1"], r"all_modal_visible=1 disagrees with .* \(all_modal_visible=0\)"),
+        (["--ffn_vision_size", "64"], r"ffn_vision_size=64 disagrees with .* \(ffn_vision_size=704\)"),
+        (["--ffn_share_size", "64"], r"ffn_share_size=64 disagrees with .* \(ffn_share_size=704\)"),
+        (["--moe_every_k", "2"], r"moe_every_k=2 disagrees with .* \(moe_every_k=1\)"),
+        (["--model_spec_module", "mot"], r"variant 'mot' but .* is a 'uni_x' checkpoint"),
+        (["--custom_cls", "none"], r"variant 'dense' but .* is a 'uni_x' checkpoint"),
+    ],
+)
+def test_architecture_argument_disagreeing_with_the_checkpoint_names_field_and_values(uni_x_checkpoint, extra, match):
+    from modeling.vocab import CodeVocab
+    from uni_arch.train import builders
+
+    m = _model_args(uni_x_checkpoint, *extra)
+    with pytest.raises(ValueError, match=match):
+        builders.check_checkpoint(builders._checkpoint_config(m), m, CodeVocab(**VOCAB_ARGS))
+
+
+def test_agreeing_arguments_pass(uni_x_checkpoint):
+    from modeling.vocab import CodeVocab
+    from uni_arch.train import builders
+
+    m = _model_args(uni_x_checkpoint, "--vision_encode_layers", "1", "--ffn_vision_size", "704", "--all_modal_visible", "0")
+    builders.check_checkpoint(builders._checkpoint_config(m), m, CodeVocab(**VOCAB_ARGS))

@@ -122,6 +122,8 @@ def build_data(model_args: ModelArguments, data_args: DataArguments, training_ar
     """
     tokenizer = build_tokenizer(model_args)
     code_vocab = build_code_vocab(model_args, tokenizer, size_tags=data_args.size_tags)
+    if model_args.model_name_or_path:  # config.json only: a wrong checkpoint fails before the data is rendered
+        check_checkpoint(_checkpoint_config(model_args), model_args, code_vocab)
     sample_builder = build_sample_builder(data_args, tokenizer, code_vocab)
     return tokenizer, code_vocab, build_train_dataset(data_args, training_args, sample_builder, code_vocab)
 
@@ -142,18 +144,54 @@ def _fresh_config(model_args: ModelArguments, code_vocab: CodeVocab):
     return UniXConfig(**d).with_vocab(code_vocab)
 
 
-def _check_checkpoint(config, model_args: ModelArguments, code_vocab: CodeVocab) -> None:
-    """A checkpoint's architecture and vocabulary are fixed: a disagreeing argument is an error, not a rebuild."""
-    if getattr(config, "variant", "dense") != model_args.variant and config.model_type == "uni_x_qwen2":
-        raise ValueError(f"model_spec_module/custom_cls ask for variant {model_args.variant!r} but "
-                         f"{model_args.model_name_or_path} is a {config.variant!r} checkpoint")
+TOOLKIT_MODEL_TYPES = ("uni_x_qwen2", "unix_qwen2")  # the current model_type and the pre-rename one
+
+
+def _effective(config, name: str):
+    """A checkpoint's value of an architecture field; an FFN width of None means the shared ``intermediate_size``."""
+    value = getattr(config, name)
+    return config.intermediate_size if value is None and name.startswith("ffn_") else value
+
+
+def conversion_command(model_args: ModelArguments, code_vocab: CodeVocab) -> str:
+    """The ``modeling/conversion.py`` command that turns a plain Qwen2 checkpoint into what the arguments ask for."""
+    src = model_args.model_name_or_path
+    args = [f"--src {src}", f"--dst {src.rstrip('/')}-{model_args.variant}", f"--variant {model_args.variant}"]
+    for name in ("vision_encode_layers", "vision_decode_layers", "ffn_vision_size", "all_modal_visible", "moe_every_k"):
+        if getattr(model_args, name) is not None:
+            args.append(f"--{name} {getattr(model_args, name)}")
+    sizes = list(code_vocab.level_sizes)
+    args.append(f"--num_image_tokens {sizes[0]}" if len(sizes) == 1 else f"--image_level_sizes '{sizes}'")
+    args += [f"--image_offset {code_vocab.image_offset}", f"--vision_start_token_id {code_vocab.vision_start_id}",
+             f"--vision_end_token_id {code_vocab.vision_end_id}"]
+    return "python modeling/conversion.py " + " ".join(args)
+
+
+def check_checkpoint(config, model_args: ModelArguments, code_vocab: CodeVocab) -> None:
+    """A checkpoint's architecture and vocabulary are fixed: a disagreeing argument is an error, not a rebuild.
+
+    Runs on ``config.json`` alone, before the dataset is built or any weight is read. A checkpoint that is not this
+    toolkit's (a plain Qwen2/Qwen2.5) would otherwise load as a dense model with no image rows and no vision
+    layers whatever the arguments say: it must be converted first.
+    """
+    path = model_args.model_name_or_path
+    if config.model_type not in TOOLKIT_MODEL_TYPES:
+        raise ValueError(
+            f"{path} is a {config.model_type!r} checkpoint, not a Uni-X toolkit one (model_type "
+            f"{TOOLKIT_MODEL_TYPES[0]!r}): it has no image-code rows and no vision layers. Convert it first:\n  "
+            f"{conversion_command(model_args, code_vocab)}\nthen train with --model_name_or_path on the --dst directory"
+        )
+    if config.variant != model_args.variant:
+        raise ValueError(f"model_spec_module={model_args.model_spec_module!r}/custom_cls={model_args.custom_cls!r} ask "
+                         f"for variant {model_args.variant!r} but {path} is a {config.variant!r} checkpoint "
+                         f"(variant={config.variant!r})")
     for name in ARCH_FIELDS:
         value = getattr(model_args, name)
-        if value is not None and getattr(config, name, value) != value:
-            raise ValueError(f"{name}={value} disagrees with {model_args.model_name_or_path} "
-                             f"({name}={getattr(config, name)}); drop the argument or convert the checkpoint")
+        if value is not None and _effective(config, name) != value:
+            raise ValueError(f"{name}={value} disagrees with {path} ({name}={_effective(config, name)}); drop the "
+                             f"argument or convert the checkpoint (modeling/conversion.py)")
     if hasattr(config, "code_vocab") and config.code_vocab != code_vocab:
-        raise ValueError(f"{model_args.model_name_or_path} was built for the code vocabulary {config.code_vocab} but "
+        raise ValueError(f"{path} was built for the code vocabulary {config.code_vocab} but "
                          f"the tokenizers give {code_vocab}: use the checkpoint's own tokenizer")
 
 
@@ -168,8 +206,7 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, code_vocab
 
     attn = model_args.attn_implementation or default_attn_implementation(data_args.use_data_packing)
     if model_args.model_name_or_path:
-        config = _checkpoint_config(model_args)
-        _check_checkpoint(config, model_args, code_vocab)
+        check_checkpoint(_checkpoint_config(model_args), model_args, code_vocab)
         model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, attn_implementation=attn,
                                                      dtype=torch.float32)
     else:
