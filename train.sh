@@ -47,10 +47,8 @@ ENV_VARS=" $(compgen -e | tr '\n' ' ') "   # what the caller set (it beats the p
 : "${DATA_PERCENTAGE=1.0}"
 : "${T2I_RATIO=0.5}"                            # image_text records: P(text-to-image), else image-to-text
 : "${SHUFFLE_SEED=218}"
-: "${VQ_RESOLUTION=64}"
 
 # -- Model architecture --
-: "${MODEL_VERSION=qwen2}"
 : "${CUSTOM_CLS=uni_qwen}"                      # uni_qwen | none (plain dense)
 : "${MODEL_SPEC_MODULE=x}"                      # x (Uni-X) | mot | moe | dense
 : "${VISION_ENCODE_LAYERS=}"                    # "" = the model config's (tiny_uni_x: 1)
@@ -96,6 +94,9 @@ ENV_VARS=" $(compgen -e | tr '\n' ' ') "   # what the caller set (it beats the p
 PRESET=""
 if [[ $# -gt 0 && "$1" != --* ]]; then PRESET="$1"; shift; fi
 [[ -z "$PRESET" || -f "$PRESET" ]] || { echo "train.sh: preset $PRESET not found" >&2; exit 2; }
+# Reference knobs with nothing to set here: refused, never silently ignored.
+[[ -z "${MODEL_VERSION:-}" ]] || { echo "train.sh: MODEL_VERSION is not used: the decoder is always Qwen2 (the reference's qwen2/gemma both meant it); unset it" >&2; exit 2; }
+[[ -z "${VQ_RESOLUTION:-}" ]] || { echo "train.sh: VQ_RESOLUTION is not used: the image resolution is the image tokenizer's own (IMAGE_TOKENIZER_PATH); unset it" >&2; exit 2; }
 
 bash tools/setup_env.sh
 VENV="${UNI_X_VENV:-$ROOT/.venv}"
@@ -124,7 +125,7 @@ KNOBS=(
   MODEL_PATH:model_name_or_path MODEL_CONFIG:model_config TOKENIZER_PATH:tokenizer_path
   IMAGE_TOKENIZER:image_tokenizer IMAGE_TOKENIZER_PATH:image_tokenizer_path DATA_PATH:data_path
   STREAMING_DATA:streaming_data DATA_PERCENTAGE:data_percentage T2I_RATIO:t2i_ratio SHUFFLE_SEED:shuffle_seed
-  VQ_RESOLUTION:vq_resolution MODEL_VERSION:model_version CUSTOM_CLS:custom_cls MODEL_SPEC_MODULE:model_spec_module
+  CUSTOM_CLS:custom_cls MODEL_SPEC_MODULE:model_spec_module
   VISION_ENCODE_LAYERS:vision_encode_layers VISION_DECODE_LAYERS:vision_decode_layers
   ALL_MODAL_VISIBLE:all_modal_visible UNFREEZE_KEYS:unfreeze_keys FFN_VISION_SIZE:ffn_vision_size
   FFN_SHARE_SIZE:ffn_share_size BF16:bf16 LEARNING_RATE:learning_rate MAX_STEPS:max_steps

@@ -30,14 +30,14 @@ def test_precedence_defaults_yaml_cli(tmp_path):
      ("x", "none", "dense")],
 )
 def test_reference_variant_mapping(spec, custom_cls, variant):
-    m, _, _ = parse_args([*BASE, "--model_spec_module", spec, "--custom_cls", custom_cls, "--model_version", "gemma"])
+    m, _, _ = parse_args([*BASE, "--model_spec_module", spec, "--custom_cls", custom_cls])
     assert m.variant == variant
 
 
 def test_reference_knob_names_exist():
     m, d, t = parse_args([
         *BASE, "--data_path", "a/*.jsonl:0.7,b:0.3", "--streaming_data", "1", "--data_percentage", "0.5",
-        "--shuffle_seed", "3", "--vq_resolution", "512", "--vision_encode_layers", "2", "--vision_decode_layers", "1",
+        "--shuffle_seed", "3", "--vision_encode_layers", "2", "--vision_decode_layers", "1",
         "--all_modal_visible", "1", "--unfreeze_keys", "vision,image_embeddings", "--ffn_vision_size", "64",
         "--ffn_share_size", "64", "--model_max_length", "128", "--use_data_packing", "0", "--ignore_instruction", "0",
         "--cfg_dropout", "0.2", "--skip_bad_records", "true", "--max_steps", "3",
@@ -61,6 +61,13 @@ def test_reference_knob_names_exist():
 def test_invalid_cli_values_name_the_field(extra, match):
     with pytest.raises((ValueError, SystemExit), match=match):
         parse_args([*BASE, *extra])
+
+
+@pytest.mark.parametrize("flag", ["--model_version", "--vq_resolution"])
+def test_dead_reference_knobs_are_refused_not_ignored(flag):
+    """The decoder is always Qwen2 and the resolution is the image tokenizer's: these knobs would change nothing."""
+    with pytest.raises((ValueError, SystemExit), match=flag.lstrip("-")):
+        parse_args([*BASE, flag, "64"])
 
 
 def test_invalid_choice_on_cli_exits():

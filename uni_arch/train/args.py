@@ -10,8 +10,10 @@ Reference values are mapped, not copied blindly:
 * ``model_spec_module``: ``x``/``unix`` -> Uni-X (two-end separated layers), ``mot`` -> MoT, ``moe`` -> MoE,
   ``dense`` -> plain Qwen2 with the expanded vocabulary.
 * ``custom_cls``: ``uni_qwen`` builds the family class chosen by ``model_spec_module``; ``none`` forces dense.
-* ``model_version``: the reference labelled its Qwen runs ``gemma``; both ``qwen2`` and ``gemma`` mean a Qwen2
-  decoder here (the label is kept so old scripts parse).
+* ``model_version`` and ``vq_resolution`` are not arguments here: the decoder is always Qwen2 (the reference's
+  ``qwen2``/``gemma`` labels both meant it) and the image resolution is the image tokenizer's own, so a knob for
+  either would be accepted and ignored. ``train.sh`` stops with a message when ``MODEL_VERSION``/``VQ_RESOLUTION``
+  is set.
 * ``unfreeze_keys``: ``train-all``, or comma-separated name patterns (``fnmatch``, or plain substrings); the
   pattern ``image_embeddings`` trains only the image-code ROWS of the (possibly tied) embedding through a gradient
   mask.
@@ -52,9 +54,6 @@ class ModelArguments:
         default=None,
         metadata={"help": "Model config json for a fresh random init (e.g. configs/model/tiny_uni_x.json); "
                   "used when model_name_or_path is empty."},
-    )
-    model_version: str = field(
-        default="qwen2", metadata={"help": "Base decoder family.", "choices": ["qwen2", "gemma"]}
     )
     custom_cls: str = field(
         default="uni_qwen",
@@ -145,7 +144,6 @@ class DataArguments:
     cfg_dropout: float = field(default=0.1, metadata={"help": "Probability of the unconditional prompt in t2i samples."})
     ignore_instruction: int = field(default=1, metadata={"help": "1: no loss on prompts/instructions."})
     shuffle_seed: int = field(default=218, metadata={"help": "Seed of the record shuffle and sample rendering."})
-    vq_resolution: int = field(default=64, metadata={"help": "Image resolution the codes were made at (recorded)."})
     model_max_length: int = field(default=2048, metadata={"help": "Row capacity in tokens (packing) / max sample length."})
     use_data_packing: int = field(
         default=2, metadata={"help": "0: pad batches; 1: pretraining packing; 2: SFT packing.", "choices": [0, 1, 2]}
