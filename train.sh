@@ -9,7 +9,8 @@
 # Precedence: the defaults below < the YAML preset (first argument) < environment variables < extra arguments
 # after the preset (passed to hf_trainer.py verbatim, e.g. `bash train.sh cfg.yaml --max_steps 5`).
 # With the default data (the shapes world) a fresh machine is set up first: .venv, the shapes world, its text
-# tokenizer and VQ tokenizer, and the code-ID records; each step is skipped when its output exists.
+# tokenizer and VQ tokenizer, and the code-ID records; each step is skipped when its output exists. The VQ tokenizer
+# (new or left by an earlier run) must pass its quality gate (VQ_GATE_*) or train.sh stops before encoding/training.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$ROOT"
@@ -37,12 +38,14 @@ ENV_VARS=" $(compgen -e | tr '\n' ' ') "   # what the caller set (it beats the p
 : "${NUM_THREADS=2}"                            # torch CPU threads per process
 
 # -- Model & data paths --
+: "${SHAPES_DIR=data/shapes}"                   # the shapes world, its text tokenizer and its VQ (set-up output)
+: "${SHAPES_CODES_DIR=data/shapes_codes}"       # the shapes world's code-ID records (set-up output)
 : "${MODEL_PATH=}"                              # checkpoint to start from ('' = fresh init from MODEL_CONFIG)
 : "${MODEL_CONFIG=configs/model/tiny_uni_x.json}"
-: "${TOKENIZER_PATH=data/shapes/tokenizer}"     # a directory, or qwen2.5
+: "${TOKENIZER_PATH=${SHAPES_DIR}/tokenizer}"   # a directory, or qwen2.5
 : "${IMAGE_TOKENIZER=shapes}"                   # shapes | chameleon | hqvae
-: "${IMAGE_TOKENIZER_PATH=data/shapes/vq}"
-: "${DATA_PATH=data/shapes_codes/shapes_captions:0.5,data/shapes_codes/shapes_vqa:0.3,data/shapes_codes/shapes_text:0.2}"
+: "${IMAGE_TOKENIZER_PATH=${SHAPES_DIR}/vq}"
+: "${DATA_PATH=${SHAPES_CODES_DIR}/shapes_captions:0.5,${SHAPES_CODES_DIR}/shapes_vqa:0.3,${SHAPES_CODES_DIR}/shapes_text:0.2}"
 : "${STREAMING_DATA=0}"
 : "${DATA_PERCENTAGE=1.0}"
 : "${T2I_RATIO=0.5}"                            # image_text records: P(text-to-image), else image-to-text
@@ -84,9 +87,14 @@ ENV_VARS=" $(compgen -e | tr '\n' ' ') "   # what the caller set (it beats the p
 : "${RESUME_FROM_CHECKPOINT=0}"                 # 1: the newest checkpoint in OUTPUT_DIR, or a path
 
 # -- Shapes-world set-up (only for the default data) --
-: "${SETUP_SHAPES=auto}"                        # auto: when the data/tokenizers are the shapes-world defaults
+: "${SETUP_SHAPES=auto}"                        # auto: when DATA_PATH reads SHAPES_CODES_DIR
 : "${SHAPES_NUM_IMAGES=4000}"
-: "${VQ_TIME_BUDGET_S=270}"
+: "${VQ_TIME_LIMIT_S=3600}"                     # a guard only: the VQ schedule is in steps (~5 min on 2 cores)
+: "${VQ_EXTRA_ARGS=}"                           # more flags for data_process/train_vq.py train, e.g. "--max_steps 1600"
+# The tokenizer's quality gate: nothing is encoded or trained on a VQ below it (see data_process/train_vq.py).
+: "${VQ_GATE_DETECTOR_PCT=97}"                  # shapes detector's exact-match rate on VQ reconstructions, %
+: "${VQ_GATE_PSNR_DB=30}"                       # held-out reconstruction PSNR, dB
+: "${VQ_GATE_MIN_SCENES=1000}"                  # held-out scenes the figures must come from
 
 # =====================================================================================================
 # 2. Execution (usually no changes needed below)
@@ -155,25 +163,34 @@ mkdir -p "$OUT"
 
 # -- the shapes world, its tokenizers and its code-ID records (each step skipped when done) --
 if [[ "$SETUP_SHAPES" == auto ]]; then
-  [[ "$DATA_EFFECTIVE" == *data/shapes_codes* ]] && SETUP_SHAPES=1 || SETUP_SHAPES=0
+  [[ "$DATA_EFFECTIVE" == *"$SHAPES_CODES_DIR"* ]] && SETUP_SHAPES=1 || SETUP_SHAPES=0
 fi
 if [[ "$SETUP_SHAPES" == 1 ]]; then
-  if [[ ! -f data/shapes/data_config.yaml ]]; then
-    echo "--- building the shapes world (data/shapes) ---"
-    "$PY" data_process/shapes_world.py build --out_dir data/shapes --num_images "$SHAPES_NUM_IMAGES"
+  VQ_DIR="$SHAPES_DIR/vq"
+  if [[ ! -f "$SHAPES_DIR/data_config.yaml" ]]; then
+    echo "--- building the shapes world ($SHAPES_DIR) ---"
+    "$PY" data_process/shapes_world.py build --out_dir "$SHAPES_DIR" --num_images "$SHAPES_NUM_IMAGES"
   fi
-  if [[ ! -f data/shapes/tokenizer/tokenizer.json ]]; then
-    echo "--- training the shapes text tokenizer (data/shapes/tokenizer) ---"
-    "$PY" data_process/text_tokenizer.py train --out_dir data/shapes/tokenizer
+  if [[ ! -f "$SHAPES_DIR/tokenizer/tokenizer.json" ]]; then
+    echo "--- training the shapes text tokenizer ($SHAPES_DIR/tokenizer) ---"
+    "$PY" data_process/text_tokenizer.py train --out_dir "$SHAPES_DIR/tokenizer"
   fi
-  if [[ ! -f data/shapes/vq/metrics.json ]]; then
-    echo "--- training the shapes VQ tokenizer (data/shapes/vq, ~${VQ_TIME_BUDGET_S}s) ---"
-    "$PY" data_process/train_vq.py --out_dir data/shapes/vq --time_budget_s "$VQ_TIME_BUDGET_S"
+  if [[ ! -f "$VQ_DIR/metrics.json" ]]; then
+    echo "--- training the shapes VQ tokenizer ($VQ_DIR, ~5 min on 2 cores) ---"
+    read -r -a VQ_EXTRA <<< "$VQ_EXTRA_ARGS"
+    "$PY" data_process/train_vq.py train --out_dir "$VQ_DIR" --time_limit_s "$VQ_TIME_LIMIT_S" \
+      --min_detector_pct "$VQ_GATE_DETECTOR_PCT" --min_psnr_db "$VQ_GATE_PSNR_DB" \
+      --min_gate_scenes "$VQ_GATE_MIN_SCENES" ${VQ_EXTRA[@]+"${VQ_EXTRA[@]}"}
   fi
-  if [[ ! -f data/shapes_codes/manifest.json ]]; then
-    echo "--- encoding the shapes world into code-ID records (data/shapes_codes) ---"
-    "$PY" data_process/encode_images.py --data_config data/shapes/data_config.yaml --out_dir data/shapes_codes \
-      --tokenizer shapes --checkpoint data/shapes/vq --num_workers 2
+  # The gate, also for a tokenizer left by an earlier run: stop here rather than encode or train on a bad one.
+  echo "--- checking the VQ tokenizer's quality gate ($VQ_DIR) ---"
+  "$PY" data_process/train_vq.py check_gate --out_dir "$VQ_DIR" --min_detector_pct "$VQ_GATE_DETECTOR_PCT" \
+    --min_psnr_db "$VQ_GATE_PSNR_DB" --min_scenes "$VQ_GATE_MIN_SCENES" \
+    || { echo "train.sh: stopped at the VQ quality gate (message above); nothing was encoded or trained" >&2; exit 1; }
+  if [[ ! -f "$SHAPES_CODES_DIR/manifest.json" ]]; then
+    echo "--- encoding the shapes world into code-ID records ($SHAPES_CODES_DIR) ---"
+    "$PY" data_process/encode_images.py --data_config "$SHAPES_DIR/data_config.yaml" --out_dir "$SHAPES_CODES_DIR" \
+      --tokenizer shapes --checkpoint "$VQ_DIR" --num_workers 2
   fi
 fi
 

@@ -1,5 +1,6 @@
-"""ShapesVQ: interface shapes and ranges, strict checkpoints, the quantizer's EMA and dead-code restart, and short
-training runs (loss goes down, resume reproduces an uninterrupted run, a finished out_dir is left alone).
+"""ShapesVQ: interface shapes and ranges, strict checkpoints, the quantizer's EMA and dead-code restart, the
+edge-weighted loss, short training runs (loss goes down, resume reproduces an uninterrupted run, a finished out_dir
+is left alone), the speed selection (with a fake clock) and the quality gate's measurement and verdict.
 
 Everything runs on a tiny flavour (32x32 images, an 8x8 grid, 64 codes) so the file stays within a few seconds of
 compute on 2 cores.
@@ -16,8 +17,9 @@ from PIL import Image
 from data_process import train_vq as tv
 from modeling.vq import load_image_tokenizer
 from modeling.vq.base import file_hash
+from modeling.vq.base import EncodedImages
 from modeling.vq.shapes_vq import (
-    L2EMAQuantizer, ShapesVQ, ShapesVQConfig, pixels_to_uint8, psnr_uint8, uint8_to_pixels,
+    L2EMAQuantizer, ShapesVQ, ShapesVQConfig, edge_weights, pixels_to_uint8, psnr_uint8, uint8_to_pixels,
 )
 
 TINY = dict(image_size=32, channels=(8, 16, 32), enc_res_blocks=1, dec_res_blocks=1, codebook_size=64, code_dim=8)
@@ -175,9 +177,9 @@ def test_short_training_reduces_loss_and_uses_many_codes(shapes_images):
     model = ShapesVQ(ShapesVQConfig(**TINY))
     cfg = tiny_train_config(num_train=128, max_steps=100, warmup_steps=5)
     before = tv.evaluate(model, shapes_images[128:])
-    summary = tv.train_loop(model, shapes_images[:128], cfg, time_budget_s=600)
+    summary = tv.train_loop(model, shapes_images[:128], cfg)
     after = tv.evaluate(model, shapes_images[128:])
-    assert summary["steps"] == 100 and not summary["stopped_by_time_budget"]
+    assert summary["steps"] == 100 and not summary["stopped_by_time_limit"]
     # measured: MSE 0.090 -> 0.060 and held-out PSNR 16.0 -> 18.4 dB after 80 steps
     assert summary["last_mse"] < 0.8 * summary["first_mse"]
     assert after["psnr_db"] > before["psnr_db"] + 1.5
@@ -190,7 +192,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, shapes_images, monkeyp
     def run(state_path) -> ShapesVQ:
         torch.manual_seed(0)
         model = ShapesVQ(cfg.model)
-        tv.train_loop(model, shapes_images[:128], cfg, time_budget_s=600, state_path=state_path, save_every=4)
+        tv.train_loop(model, shapes_images[:128], cfg, state_path=state_path, save_every=4)
         return model
 
     reference = run(None)
@@ -218,6 +220,11 @@ def test_train_vq_cli_writes_checkpoint_and_skips_a_finished_out_dir(tmp_path):
     metrics = tv.train_vq(out_dir=str(out), **kw)
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["steps"] == 3 and saved["psnr_db"] == metrics["psnr_db"]
+    # the gate's figures and verdict: 3 steps cannot pass, and 8 scenes are under the 1,000 the gate needs
+    assert 0.0 <= saved["detector_exact_pct"] < 97.0 and saved["num_eval_images"] == 8
+    assert saved["gate"]["passed"] is False and saved["gate"]["min_detector_pct"] == 97.0
+    assert any("8 held-out scenes" in r for r in saved["gate"]["reasons"])
+    assert (saved["precision"], saved["num_threads"], saved["speed_timings_s_per_step"]) == ("fp32", 1, {})
     assert 0 < saved["usage_pct"] <= 100 and saved["codes_used"] >= 1
     assert not (out / tv.STATE_NAME).exists()
     model = ShapesVQ.from_checkpoint(out)
@@ -238,10 +245,175 @@ def test_config_validation_names_fields():
         tv.TrainVQConfig(max_steps=10, warmup_steps=10)
 
 
-def test_lr_schedule_warmup_cosine_and_time_term():
-    cfg = tiny_train_config(max_steps=100, warmup_steps=10, lr=1e-2, min_lr_ratio=0.1)
-    assert tv.lr_at(cfg, 0, 0.0) == pytest.approx(1e-3)  # warmup: (step + 1) / warmup_steps
-    assert tv.lr_at(cfg, 10, 0.0) == pytest.approx(1e-2)
-    assert tv.lr_at(cfg, 50, 0.5) == pytest.approx(1e-2 * (0.1 + 0.9 * 0.5))
-    assert tv.lr_at(cfg, 99, 1.0) == pytest.approx(1e-3) == tv.lr_at(cfg, 99, 1.7)  # floor at min_lr_ratio
-    assert 1 <= tv.pick_num_threads() <= 2
+def test_lr_schedule_is_warmup_then_cosine_in_steps_only():
+    cfg = tiny_train_config(max_steps=110, warmup_steps=10, lr=1e-2, min_lr_ratio=0.1)
+    assert tv.lr_at(cfg, 0) == pytest.approx(1e-3)  # warmup: (step + 1) / warmup_steps
+    assert tv.lr_at(cfg, 10) == pytest.approx(1e-2)
+    assert tv.lr_at(cfg, 60) == pytest.approx(1e-2 * (0.1 + 0.9 * 0.5))  # half-way through the cosine
+    assert tv.lr_at(cfg, 110) == pytest.approx(1e-3) == tv.lr_at(cfg, 500)  # floor at min_lr_ratio
+
+
+def test_time_limit_is_a_guard_that_says_the_schedule_did_not_finish(shapes_images):
+    torch.manual_seed(0)
+    summary = tv.train_loop(ShapesVQ(ShapesVQConfig(**TINY)), shapes_images[:128], tiny_train_config(), time_limit_s=0)
+    assert summary["steps"] == 0 and summary["stopped_by_time_limit"]
+
+
+# ---------------------------------------------------------------------------------------------- edge-weighted loss
+def test_edge_weights_cover_both_sides_of_an_edge_and_leave_flat_areas_at_one():
+    pixels = torch.full((1, 3, 8, 8), -0.2)
+    pixels[:, :, 2:5, 2:5] = 0.9  # a 3x3 square: a colour step of 1.1 (clamped to 1) on its outline
+    w = edge_weights(pixels, 4.0)[0, 0]
+    assert w.shape == (8, 8)
+    assert torch.all(w[1:6, 1:6] == 5.0)  # the square and one pixel around it (the 3x3 spread of the outline)
+    assert torch.all(w[7, :] == 1.0) and torch.all(w[:, 7] == 1.0) and w[0, 0] == 1.0
+
+
+def test_edge_weighted_loss_weighs_errors_on_edges_more():
+    torch.manual_seed(0)
+    plain = ShapesVQ(ShapesVQConfig(**{**TINY, "edge_loss_weight": 0.0}))
+    weighted = ShapesVQ(ShapesVQConfig(**{**TINY, "edge_loss_weight": 4.0}))
+    weighted.load_state_dict(plain.state_dict())
+    flat = torch.zeros(2, 3, 32, 32)
+    edgy = flat.clone()
+    edgy[:, :, 8:20, 8:20] = 0.8
+    with torch.no_grad():
+        # on a flat image the weights are all one: the weighted loss is the plain one
+        assert weighted(flat).loss.item() == pytest.approx(plain(flat).loss.item(), rel=1e-5)
+        out_plain, out_weighted = plain(edgy), weighted(edgy)
+    assert out_weighted.recon_loss.item() == pytest.approx(out_plain.recon_loss.item(), rel=1e-5)  # logged as MSE
+    assert out_weighted.loss.item() != pytest.approx(out_plain.loss.item(), rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- speed settings
+class FakeMachine:
+    """A machine simulated by its cost per training step for each (precision, threads): ``step`` stands in for
+    ``train_step`` and advances ``clock`` by the cost under the thread count torch is really set to."""
+
+    def __init__(self, cost: dict[tuple[str, int], float]) -> None:
+        self.cost, self.now, self.steps = cost, 0.0, 0
+
+    def clock(self) -> float:
+        return self.now
+
+    def step(self, model, opt, pixels, setting, grad_clip):
+        self.now += self.cost[(setting.precision, torch.get_num_threads())]
+        self.steps += 1
+
+
+@pytest.mark.parametrize("cost, want", [
+    # the issue's machine: avx512f without native bf16, where bf16 autocast is 3.7x slower than fp32
+    ({("fp32", 1): 0.65, ("fp32", 2): 0.40, ("bf16", 1): 2.43, ("bf16", 2): 1.50}, ("fp32", 2)),
+    # a machine with AMX: bf16 is the faster
+    ({("fp32", 1): 0.65, ("fp32", 2): 0.40, ("bf16", 1): 0.38, ("bf16", 2): 0.24}, ("bf16", 2)),
+    # a busy 2-core box where two threads spin-wait for each other: one thread wins
+    ({("fp32", 1): 0.65, ("fp32", 2): 1.90, ("bf16", 1): 2.43, ("bf16", 2): 5.00}, ("fp32", 1)),
+])
+def test_speed_setting_is_the_fastest_measured(monkeypatch, cost, want):
+    machine = FakeMachine(cost)
+    monkeypatch.setattr(tv, "train_step", machine.step)
+    monkeypatch.setattr(tv.os, "cpu_count", lambda: 2)
+    cfg = tiny_train_config(precision="auto")
+    images = torch.zeros(cfg.num_train, 3, 32, 32, dtype=torch.uint8)
+    threads_before = torch.get_num_threads()
+    setting, timings = tv.pick_speed_setting(tiny_model(), images, cfg, num_threads=None, timer=machine.clock)
+    assert (setting.precision, setting.num_threads) == want
+    assert timings == {str(tv.SpeedSetting(p, n)): pytest.approx(c) for (p, n), c in cost.items()}
+    assert machine.steps == 4 * (1 + 3)  # one warm-up and three timed steps per candidate
+    assert torch.get_num_threads() == threads_before
+
+
+def test_speed_candidates_and_a_fixed_setting_is_not_timed(monkeypatch):
+    monkeypatch.setattr(tv.os, "cpu_count", lambda: 1)
+    assert [str(s) for s in tv.speed_candidates("auto", None)] == ["fp32 x1 thread", "bf16 x1 thread"]
+    monkeypatch.setattr(tv.os, "cpu_count", lambda: 16)
+    assert len(tv.speed_candidates("auto", None)) == 4 and len(tv.speed_candidates("fp32", None)) == 2
+    machine = FakeMachine({})
+    monkeypatch.setattr(tv, "train_step", machine.step)
+    setting, timings = tv.pick_speed_setting(tiny_model(), torch.zeros(128, 3, 32, 32, dtype=torch.uint8),
+                                             tiny_train_config(precision="bf16"), num_threads=2, timer=machine.clock)
+    assert (setting, timings, machine.steps) == (tv.SpeedSetting("bf16", 2), {}, 0)
+
+
+def test_timing_leaves_the_model_and_the_random_stream_untouched(shapes_images):
+    torch.manual_seed(0)
+    model = ShapesVQ(ShapesVQConfig(**TINY))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    cfg = tiny_train_config()
+    timings = tv.time_speed_settings(model, uint8_to_pixels(shapes_images[:16]), cfg,
+                                     [tv.SpeedSetting("fp32", 1), tv.SpeedSetting("bf16", 1)], steps=1)
+    assert all(t > 0 for t in timings.values()) and len(timings) == 2
+    assert torch.equal(torch.get_rng_state(), rng)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+# ---------------------------------------------------------------------------------------------- quality gate
+class ReplayVQ:
+    """A stand-in tokenizer whose "reconstruction" is its input, optionally blanked for some images."""
+
+    def __init__(self, blank: set[int]) -> None:
+        self.config, self.blank = ShapesVQConfig(**TINY), blank
+
+    def eval(self):
+        return self
+
+    def encode(self, pixels):
+        self.pixels = pixels
+        return EncodedImages(torch.zeros(pixels.shape[0], 64, dtype=torch.long), torch.zeros(64, dtype=torch.long),
+                             (8, 8))
+
+    def decode(self, codes, grid):
+        out = self.pixels.clone()
+        for i in self.blank:
+            out[i] = uint8_to_pixels(torch.tensor([150, 150, 150], dtype=torch.uint8).view(3, 1, 1)).expand(3, 32, 32)
+        return out
+
+
+def test_evaluate_measures_the_detector_on_reconstructions(shapes_images):
+    from data_process.shapes_world import ShapesWorld
+
+    world = ShapesWorld(seed=0, image_size=32)
+    scenes = [world.scene(i) for i in range(40)]
+    perfect = tv.evaluate(ReplayVQ(blank=set()), shapes_images[:40], scenes)
+    assert perfect["detector_exact_pct"] == 100.0 and perfect["detector_failures"] == []
+    blanked = tv.evaluate(ReplayVQ(blank={3, 7}), shapes_images[:40], scenes)  # two images lose every object
+    assert blanked["detector_exact_pct"] == 95.0
+    assert blanked["detector_failure_causes"] == {"object lost": 2}
+    assert [f["index"] for f in blanked["detector_failures"]] == [3, 7] and blanked["detector_failures"][0]["detected"] == []
+    with pytest.raises(ValueError, match="39 scenes for 40 images"):
+        tv.evaluate(ReplayVQ(blank=set()), shapes_images[:40], scenes[:39])
+
+
+def _write_metrics(out, **metrics):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_check_gate_passes_fails_and_refuses_folders_without_gate_figures(tmp_path):
+    good = dict(detector_exact_pct=98.5, psnr_db=36.0, num_eval_images=1000)
+    _write_metrics(tmp_path / "good", **good)
+    assert tv.check_gate(str(tmp_path / "good")) == good
+    _write_metrics(tmp_path / "low", **{**good, "detector_exact_pct": 96.0, "detector_failure_causes": {"wrong shape": 9}})
+    with pytest.raises(tv.GateFailed) as e:
+        tv.check_gate(str(tmp_path / "low"))
+    message = str(e.value)
+    for part in ("detector exact match on reconstructions 96.0% < 97.0%", "PSNR >= 30.0 dB", "wrong shape",
+                 f"delete {tmp_path / 'low'}", "--max_steps"):
+        assert part in message, part
+    assert "PSNR 36.0" not in message  # only the failing figure is listed as a reason
+    with pytest.raises(tv.GateFailed, match=r"PSNR 29\.9 dB < 30\.0 dB"):
+        _write_metrics(tmp_path / "blurry", **{**good, "psnr_db": 29.9})
+        tv.check_gate(str(tmp_path / "blurry"))
+    with pytest.raises(tv.GateFailed, match="300 held-out scenes, the gate needs >= 1000"):
+        _write_metrics(tmp_path / "few", **{**good, "num_eval_images": 300})
+        tv.check_gate(str(tmp_path / "few"))
+    assert tv.check_gate(str(tmp_path / "few"), min_scenes=300)["num_eval_images"] == 300  # the explicit knob
+    _write_metrics(tmp_path / "old", psnr_db=35.5, usage_pct=100.0)  # metrics.json of the train_vq before the gate
+    with pytest.raises(tv.GateFailed, match="no gate figures"):
+        tv.check_gate(str(tmp_path / "old"))
+    with pytest.raises(tv.GateFailed, match="missing"):
+        tv.check_gate(str(tmp_path / "nowhere"))
+    with pytest.raises(tv.GateFailed, match=r"lower VQ_GATE_DETECTOR_PCT"):
+        tv.check_gate(str(tmp_path / "low"), min_detector_pct=99.0)

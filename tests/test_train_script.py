@@ -49,3 +49,37 @@ def test_bad_launcher_and_missing_preset_fail_fast(tmp_path):
     proc = subprocess.run(["bash", "train.sh", str(tmp_path / "missing.yaml")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "not found" in proc.stderr
+
+
+@pytest.mark.slow
+def test_train_sh_stops_at_the_vq_quality_gate_before_encoding_or_training(tmp_path):
+    """A deliberately under-trained VQ (2 steps) makes the shapes set-up stop with the figures and what to do,
+    before any code-ID record or model exists; a VQ folder without gate figures (an older train_vq) is not reused.
+
+    Small world and 40 held-out scenes to stay fast: the gate's >= 1,000-scene rule is lowered through its knob."""
+    shapes, codes, out = tmp_path / "shapes", tmp_path / "codes", tmp_path / "run"
+    env = {
+        **os.environ, "SHAPES_DIR": str(shapes), "SHAPES_CODES_DIR": str(codes), "OUTPUT_DIR": str(out),
+        "SHAPES_NUM_IMAGES": "16", "NUM_THREADS": "1", "VQ_GATE_MIN_SCENES": "40",
+        "VQ_EXTRA_ARGS": "--max_steps 2 --warmup_steps 1 --num_train 64 --num_eval 40 --precision fp32 --num_threads 1",
+    }
+    # The set-up skips a step whose output exists: a placeholder spares the BPE training, which the gate precedes
+    # in what it protects (nothing reads the text tokenizer before the LLM is trained).
+    (shapes / "tokenizer").mkdir(parents=True)
+    (shapes / "tokenizer" / "tokenizer.json").write_text("{}")
+    proc = subprocess.run(["bash", "train.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 1, log[-3000:]
+    assert "below the quality gate" in log and "detector exact match on reconstructions" in log
+    assert "% < 97%" in log and f"delete {shapes / 'vq'}" in log and "stopped at the VQ quality gate" in log
+    metrics = json.loads((shapes / "vq" / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["detector_exact_pct"] < 97.0 and not metrics["gate"]["passed"]
+    assert f"{metrics['detector_exact_pct']}%" in log  # the message names the measured figure
+    assert not codes.exists() and not (out / "train.log").exists()  # nothing encoded, nothing trained
+
+    # A folder left by the train_vq before the gate (no gate figures) is skipped by the VQ step but not reused.
+    (shapes / "vq" / "metrics.json").write_text(json.dumps({"psnr_db": 35.5, "usage_pct": 100.0}))
+    proc = subprocess.run(["bash", "train.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "no gate figures" in log, log[-3000:]
+    assert not codes.exists() and not (out / "train.log").exists()

@@ -19,10 +19,16 @@ Design (and why):
   codebook is worst (second remedy). Restarts happen only in training mode and are deterministic given the torch RNG.
 * **Straight-through estimator** for the encoder gradient, plus a commitment loss ``beta * |z - sg(q)|^2`` computed
   on the unit vectors.
+* **Edge-weighted reconstruction loss** (``edge_loss_weight``, :func:`edge_weights`): pixels within one pixel of a
+  colour step count up to 5x. Plain MSE is dominated by the flat background, while what the shapes detector (and a
+  GenEval score) needs is on the outlines: a diamond's tips, a small object's rim, the gap between two same-colour
+  neighbours. Free per step; measured with ``data_process/train_vq.py`` (figures there).
 
-Default (1.2M parameters, 512 codes of dim 16): 35.5 dB held-out PSNR with all 512 codes used after the 800-step
-default training of ``data_process/train_vq.py`` (figures and commands there); 1,024 codes gave 35.0 dB at the same
-steps, so the smaller codebook costs nothing here and halves the image vocabulary the LLM must model.
+Default (1.2M parameters, 512 codes of dim 16, 800 steps of ``data_process/train_vq.py``): 37.4 dB held-out PSNR,
+the detector reads 98.2% of the reconstructions of 1,000 held-out scenes exactly, all 512 codes used. With plain
+MSE the same schedule gave about 2 dB and 2 points less (below the 97% gate). 1,024 codes gave 35.0 dB against
+35.6 for 512 at 800 steps (plain MSE), so the smaller codebook costs nothing here and halves the image vocabulary
+the LLM must model.
 
 Checkpoints are a directory with ``config.json`` (:class:`ShapesVQConfig`) and ``model.safetensors``; loading is
 strict and fails with the path and the offending keys before any work. ``checkpoint_hash`` is the safetensors file's
@@ -68,6 +74,8 @@ class ShapesVQConfig:
     commitment_beta: float = 0.25
     ema_decay: float = 0.95
     restart_ratio: float = 0.1  # a code is dead when its EMA count < restart_ratio * (vectors per batch / K)
+    # Training only: extra weight of the reconstruction error near edges (see edge_weights); 0 = plain MSE.
+    edge_loss_weight: float = 4.0
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
@@ -80,6 +88,8 @@ class ShapesVQConfig:
             raise ValueError(f"need codebook_size >= 2 and code_dim >= 2, got {self.codebook_size=}, {self.code_dim=}")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay=}")
+        if self.edge_loss_weight < 0:
+            raise ValueError(f"edge_loss_weight must be >= 0, got {self.edge_loss_weight=}")
         if min(self.enc_res_blocks, self.dec_res_blocks, self.mid_res_blocks) < 0:
             raise ValueError("enc_res_blocks, dec_res_blocks and mid_res_blocks must be >= 0")
 
@@ -273,7 +283,11 @@ class ShapesVQ(ImageTokenizer):
         q_BDhw, codes_Bhw, commit = self.quantizer(self.encoder(pixels_BCHW))
         recon_BCHW = self.decoder(q_BDhw)
         recon_loss = F.mse_loss(recon_BCHW, pixels_BCHW)
-        loss = recon_loss + self.config.commitment_beta * commit
+        fit_loss = recon_loss
+        if self.config.edge_loss_weight > 0:
+            weight_B1HW = edge_weights(pixels_BCHW, self.config.edge_loss_weight)
+            fit_loss = ((recon_BCHW - pixels_BCHW).pow(2) * weight_B1HW).mean() / weight_B1HW.mean()
+        loss = fit_loss + self.config.commitment_beta * commit
         return VQOutput(recon_BCHW, codes_Bhw, loss, recon_loss.detach(), commit.detach())
 
     # ------------------------------------------------------------------------------------------ interface
@@ -332,6 +346,22 @@ class ShapesVQ(ImageTokenizer):
     def from_checkpoint(cls, path: str | os.PathLike) -> "ShapesVQ":
         """Strictly load a directory written by :meth:`save_pretrained`; errors name the path and the keys."""
         return load_safetensors_dir(cls, ShapesVQConfig, path, hint=" (write one with data_process/train_vq.py)")
+
+
+def edge_weights(pixels_BCHW: torch.Tensor, edge_loss_weight: float) -> torch.Tensor:
+    """Per-pixel loss weights ``1 + edge_loss_weight * edge`` (B, 1, H, W), ``edge`` in [0, 1] the largest colour
+    step to a 4-neighbour, spread over a 3x3 window so both sides of an edge and a corner's tip are covered.
+
+    Why: plain MSE is dominated by flat background; what decides whether a reconstruction still shows the right
+    object (a shape's corners, a small object's outline, its colour at the rim) lives on the edges.
+    """
+    with torch.no_grad():
+        p = pixels_BCHW.float()
+        dx_B1HW = (p[..., :, 1:] - p[..., :, :-1]).abs().amax(1, keepdim=True)
+        dy_B1HW = (p[..., 1:, :] - p[..., :-1, :]).abs().amax(1, keepdim=True)
+        edge_B1HW = torch.maximum(F.pad(dx_B1HW, (0, 1)), F.pad(dy_B1HW, (0, 0, 0, 1)))  # back to (B, 1, H, W)
+        edge_B1HW = F.max_pool2d(edge_B1HW, 3, stride=1, padding=1).clamp(max=1.0)
+        return 1.0 + edge_loss_weight * edge_B1HW
 
 
 def uint8_to_pixels(images_BCHW: torch.Tensor) -> torch.Tensor:
