@@ -128,8 +128,14 @@ def test_nan_loss_stops_at_that_step(world, tmp_path):
 
 
 def test_grad_accumulation_equals_bigger_batch(world, tmp_path):
-    """4 micro-batches of 1 row x accumulation 4 == 1 micro-batch of 4 rows (one flattened row)."""
-    common = ("--max_steps", "2", "--use_data_packing", "2", "--train_sampling_strategy", "sequential")
+    """4 micro-batches of 1 row x accumulation 4 == 1 micro-batch of 4 rows (one flattened row).
+
+    Plain SGD: the weights are then linear in the accumulated gradient, so they must agree to float rounding. With
+    AdamW a parameter whose gradient is ~1e-8 (a vision FFN row hardly any token used) gets an update ~ g / (|g| +
+    eps) that turns 1e-7 relative rounding into 5e-5 absolute weight differences (measured), a false alarm.
+    """
+    common = ("--max_steps", "2", "--use_data_packing", "2", "--train_sampling_strategy", "sequential",
+              "--optim", "sgd")
     a = make_trainer(*train_args(world, tmp_path / "ga", *common, "--gradient_accumulation_steps", "4"))
     b = make_trainer(*train_args(world, tmp_path / "bs", *common, "--per_device_train_batch_size", "4"))
     a.train()
@@ -138,7 +144,7 @@ def test_grad_accumulation_equals_bigger_batch(world, tmp_path):
     lb = [h["loss"] for h in b.state.log_history if "loss" in h]
     assert la == pytest.approx(lb, abs=1e-5)
     for (n, pa), (_, pb) in zip(a.model.named_parameters(), b.model.named_parameters()):
-        assert torch.allclose(pa, pb, atol=1e-5), n
+        assert torch.allclose(pa, pb, atol=1e-6), n
 
 
 @pytest.mark.parametrize(
