@@ -231,6 +231,7 @@ def test_reference_configs_have_the_qwen25_shapes(name, base_params, separated):
     cfg = UniXConfig.from_json_file(Path(__file__).resolve().parents[1] / "configs" / "model" / f"{name}.json")
     assert cfg.layer_kinds.count("separated") == separated and cfg.tie_word_embeddings
     assert cfg.code_vocab.image_token_range == (151665, 151665 + 8192)
+    assert cfg.vocab_size == 159872 and cfg.vocab_size % 64 == 0  # what modeling/conversion.py gives (compact layout)
     dense = cfg.to_dict()
     for key in ("model_type", "transformers_version", "layer_kinds", "vision_encode_layers", "vision_decode_layers"):
         dense.pop(key, None)
