@@ -27,13 +27,17 @@ Measured (shared 2-core box with AMX, load 3-7, so wall times are pessimistic; t
 * ``precision="auto"`` chose bf16 x1 thread (timings under load: fp32 x1 4.02, fp32 x2 10.4, bf16 x1 0.94, bf16 x2
   6.78 s/step): 800 steps, held-out PSNR 37.42 dB (5th percentile 33.5), detector 98.2% on 1,000 scenes, usage 100%
   (512/512); 0.29 CPU-s per step; wall 946 s here (91 s of timing, 77 s of rendering, 10 s of evaluation).
-  ``--precision bf16`` gave the same figures. ``--precision fp32``: FP32_RESULT.
-* Before the edge-weighted loss (plain MSE, the same 800 steps in fp32): 35.4 dB and 96.0%, below the gate. The misses
-  were shapes, not colours: a diamond read as a circle (its tips rounded off) and same-colour neighbours merged into
-  one component. Weighting the reconstruction error near edges 5x (``edge_loss_weight=4``, see
-  ``modeling/vq/shapes_vq.py``) costs nothing per step and moved both figures; the remaining misses of the default
-  are 14 diamonds read as circles (mostly pink/purple, the colours nearest the gray background) and 4 lost objects
-  (adjacent same-colour squares merged).
+  ``--precision bf16 --num_threads 1`` gave bit-identical weights. ``--precision fp32`` (what a
+  CPU without native bf16 gets; it chose 1 thread under load, timings fp32 x1 2.03, x2 5.45 s/step): 36.78 dB, detector
+  97.9% (16 wrong shapes, 4 lost, 1 spurious), 0.76 CPU-s per step, wall 837 s here.
+* The same run with plain MSE (``--edge_loss_weight 0``, the model before this gate; bf16 x1, same seed and steps):
+  35.35 dB and 95.0%, below the gate (the issue's fp32 run of that model: 35.4 dB, 96.0%). Its 50 misses were
+  shapes, not colours: 41 wrong shapes (corners rounded off: diamonds, triangles and small squares read as circles),
+  7 lost objects (same-colour neighbours 2 px apart bridged into one component), 2 spurious. Weighting the
+  reconstruction error near edges 5x (``edge_loss_weight=4``, see ``modeling/vq/shapes_vq.py``) costs nothing per
+  step and lowers even the plain MSE (0.0020 vs 0.0014 at step 600); the default's 18 misses are 14 diamonds read as
+  circles (7 purple, 5 pink, 1 white, 1 blue; purple is the colour nearest the gray background) and 4 lost objects
+  (bridged same-colour squares).
 * fp32 costs 0.76 CPU-s per step (1 thread; ~0.65 on the 2-core Xeon of the issue), so the 800 steps take ~5-6 min
   with 2 threads on an idle 2-core machine, plus ~20 s of timing, ~25 s of rendering and ~10 s of evaluation.
 
@@ -484,8 +488,8 @@ def check_gate(
             f"{path}: the image tokenizer is below the quality gate (detector on reconstructions >= "
             f"{min_detector_pct}%, PSNR >= {min_psnr_db} dB, >= {min_scenes} held-out scenes): {'; '.join(reasons)}"
             + (f" [detector misses by cause: {causes}]" if causes else "")
-            + f". Nothing was encoded or trained on it. To fix: delete {out_dir} and rerun; if a fresh default run "
-            "fails too, train longer (train.sh: VQ_EXTRA_ARGS='--max_steps 1600'; train_vq.py: --max_steps, "
+            + f". train.sh encodes and trains nothing on it. To fix: delete {out_dir} and rerun; if a fresh default "
+            "run fails too, train longer (train.sh: VQ_EXTRA_ARGS='--max_steps 1600'; train_vq.py: --max_steps, "
             "--channels) or, knowingly, lower VQ_GATE_DETECTOR_PCT / VQ_GATE_PSNR_DB."
         )
     figures = {key: metrics[key] for key in ("detector_exact_pct", "psnr_db", "num_eval_images")}

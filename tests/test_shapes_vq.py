@@ -381,7 +381,8 @@ def test_evaluate_measures_the_detector_on_reconstructions(shapes_images):
     blanked = tv.evaluate(ReplayVQ(blank={3, 7}), shapes_images[:40], scenes)  # two images lose every object
     assert blanked["detector_exact_pct"] == 95.0
     assert blanked["detector_failure_causes"] == {"object lost": 2}
-    assert [f["index"] for f in blanked["detector_failures"]] == [3, 7] and blanked["detector_failures"][0]["detected"] == []
+    assert [f["index"] for f in blanked["detector_failures"]] == [3, 7]
+    assert blanked["detector_failures"][0]["detected"] == []
     with pytest.raises(ValueError, match="39 scenes for 40 images"):
         tv.evaluate(ReplayVQ(blank=set()), shapes_images[:40], scenes[:39])
 
@@ -395,7 +396,8 @@ def test_check_gate_passes_fails_and_refuses_folders_without_gate_figures(tmp_pa
     good = dict(detector_exact_pct=98.5, psnr_db=36.0, num_eval_images=1000)
     _write_metrics(tmp_path / "good", **good)
     assert tv.check_gate(str(tmp_path / "good")) == good
-    _write_metrics(tmp_path / "low", **{**good, "detector_exact_pct": 96.0, "detector_failure_causes": {"wrong shape": 9}})
+    low = {**good, "detector_exact_pct": 96.0, "detector_failure_causes": {"wrong shape": 9}}
+    _write_metrics(tmp_path / "low", **low)
     with pytest.raises(tv.GateFailed) as e:
         tv.check_gate(str(tmp_path / "low"))
     message = str(e.value)

@@ -79,6 +79,7 @@ class ShapesVQConfig:
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
+        self.edge_loss_weight = float(self.edge_loss_weight)
         if len(self.channels) < 2 or any(c <= 0 for c in self.channels):
             raise ValueError(f"channels must list >= 2 positive widths, got {self.channels=}")
         if self.image_size % self.downsample:
