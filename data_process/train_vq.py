@@ -22,24 +22,31 @@ of the same world: never training images, whatever ``num_train``), the shapes de
 the ceiling of any shapes GenEval score with this tokenizer. metrics.json also lists the misses by cause and the first
 20 of them, so a failing tokenizer says what it gets wrong.
 
-Measured (shared 2-core box with AMX, load 3-7, so wall times are pessimistic; the default settings):
+Measured (800 steps, seed 0, the 1,000 held-out scenes; a 2-core box with AMX shared with other jobs, so wall times
+are pessimistic; misses = wrong shape / object lost / spurious object):
 
-* ``precision="auto"`` chose bf16 x1 thread (timings under load: fp32 x1 4.02, fp32 x2 10.4, bf16 x1 0.94, bf16 x2
-  6.78 s/step): 800 steps, held-out PSNR 37.42 dB (5th percentile 33.5), detector 98.2% on 1,000 scenes, usage 100%
-  (512/512); 0.29 CPU-s per step; wall 946 s here (91 s of timing, 77 s of rendering, 10 s of evaluation).
-  ``--precision bf16 --num_threads 1`` gave bit-identical weights. ``--precision fp32`` (what a
-  CPU without native bf16 gets; it chose 1 thread under load, timings fp32 x1 2.03, x2 5.45 s/step): 36.78 dB, detector
-  97.9% (16 wrong shapes, 4 lost, 1 spurious), 0.76 CPU-s per step, wall 837 s here.
-* The same run with plain MSE (``--edge_loss_weight 0``, the model before this gate; bf16 x1, same seed and steps):
-  35.35 dB and 95.0%, below the gate (the issue's fp32 run of that model: 35.4 dB, 96.0%). Its 50 misses were
-  shapes, not colours: 41 wrong shapes (corners rounded off: diamonds, triangles and small squares read as circles),
-  7 lost objects (same-colour neighbours 2 px apart bridged into one component), 2 spurious. Weighting the
-  reconstruction error near edges 5x (``edge_loss_weight=4``, see ``modeling/vq/shapes_vq.py``) costs nothing per
-  step and lowers even the plain MSE (0.0020 vs 0.0014 at step 600); the default's 18 misses are 14 diamonds read as
-  circles (7 purple, 5 pink, 1 white, 1 blue; purple is the colour nearest the gray background) and 4 lost objects
-  (bridged same-colour squares).
-* fp32 costs 0.76 CPU-s per step (1 thread; ~0.65 on the 2-core Xeon of the issue), so the 800 steps take ~5-6 min
-  with 2 threads on an idle 2-core machine, plus ~20 s of timing, ~25 s of rendering and ~10 s of evaluation.
+    loss                   precision x threads         PSNR dB (p5)   detector   misses    CPU-s/step
+    edge-weighted, w=8     auto -> bf16 x1 (*)         37.70 (33.7)   99.2%      6/2/0     0.28
+    edge-weighted, w=8     fp32 x1 (forced)            37.52 (33.7)   99.5%      4/1/0     0.73
+    edge-weighted, w=8     bf16 x1 (forced)            37.70 (33.7)   99.2%      6/2/0     0.32
+    edge-weighted, w=4     fp32 x1                     36.78 (32.8)   97.9%      16/4/1    0.76
+    edge-weighted, w=4     bf16 x1                     37.42 (33.5)   98.2%      14/4/0    0.29
+    plain MSE (before)     bf16 x1                     35.35 (31.3)   95.0%      41/7/2    0.35
+    plain MSE (before)     fp32 x1 (the issue's run)   35.4           96.0%
+
+(*) the default command, wall 256 s at load ~1: timing 10 s (fp32 x1 0.64, fp32 x2 0.95, bf16 x1 0.23, bf16 x2
+0.51 s/step: two threads lose on a shared box), rendering 8 s, 800 steps 227 s, evaluation 11 s; bit-identical to the
+forced bf16 x1 run (the timing runs on a copy under a forked RNG).
+
+* What failed: shapes, never colours. With plain MSE the decoder rounds corners off (diamonds, triangles and small
+  squares read as circles) and bridges same-colour neighbours 2 px apart into one component (an object lost). MSE is
+  dominated by the flat gray background; the edge weighting (``edge_loss_weight``, see ``modeling/vq/shapes_vq.py``:
+  pixels next to a colour step count up to 1 + w times) puts the error where the objects are, costs nothing per step
+  and lowers even the plain MSE (step 600: 0.0014 with w=4 against 0.0020). What is left is mostly diamonds read as
+  circles, most often purple and pink ones (purple is the colour nearest the gray background).
+* Speed: fp32 costs ~0.75 CPU-s per step here (~0.65 on the issue's Xeon), so on an idle 2-core machine without
+  native bf16 the 800 steps take ~5-6 min with 2 threads, plus ~20 s of timing, ~10-25 s of rendering and ~10 s of
+  evaluation (the detector on 1,000 reconstructions). Under load the timing picks 1 thread (2 threads spin-wait).
 
 Determinism and resumption: batch ``i`` is drawn from a generator seeded with ``(seed, i)`` and the full training
 state (model, EMA codebook, optimizer, RNG, elapsed time) is saved atomically every ``save_every`` steps, so a rerun
@@ -83,7 +90,8 @@ EVAL_INDEX_OFFSET = 10_000_000
 GATE_MIN_DETECTOR_PCT = 97.0
 GATE_MIN_PSNR_DB = 30.0
 GATE_MIN_SCENES = 1000
-# A guard against a machine far slower than expected (the default run takes ~5 minutes), never the way to finish.
+# A guard against a machine far slower than expected (the default run: ~6 min in fp32 on 2 idle cores), never the
+# way to finish.
 DEFAULT_TIME_LIMIT_S = 3600.0
 
 
