@@ -40,7 +40,6 @@ under ``min_size`` or beyond ``max_aspect``, ...) are skipped, counted by reason
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import os
@@ -58,6 +57,7 @@ from tqdm import tqdm
 from data_process.converters import BAD_RECORD, BadItem, ImageSource, Item, WorkItem, iter_items
 from data_process.data_config import DataConfig, DatasetSpec, load_data_config
 from data_process.schema import AtomicShardWriter, ImageCodes, Record, RecordError, atomic_write_text, record_from_dict
+from modeling.threads import torch_threads
 from modeling.vq import IMAGE_TOKENIZERS, ImageTokenizer, load_image_tokenizer
 from modeling.vq.base import file_hash
 from modeling.vq.preprocess import decode_image
@@ -341,17 +341,6 @@ def _write_unit(ds_dir: Path, rank: int, unit: int, records: list[Record], stats
     with AtomicShardWriter(ds_dir / state["shard"]) as writer:  # the rename below marks the unit done
         for record in records:
             writer.write(record)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run the block with ``n`` torch intra-op threads and restore the caller's count after it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def run_worker(rank: int, world: int, opts: EncodeOptions, tok: ImageTokenizer | None = None) -> WorkerReport:

@@ -59,7 +59,6 @@ count (both are in metrics.json).
 from __future__ import annotations
 
 import collections
-import contextlib
 import copy
 import hashlib
 import json
@@ -69,13 +68,14 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Callable, Literal
 
 import torch
 from loguru import logger
 from tqdm import tqdm
 
 from data_process.schema import atomic_path, atomic_write_text
+from modeling.threads import torch_threads
 from modeling.vq.shapes_vq import (
     ShapesVQ, ShapesVQConfig, VQOutput, pixels_to_uint8, psnr_uint8, uint8_to_pixels,
 )
@@ -197,17 +197,6 @@ class SpeedSetting:
         return f"{self.precision} x{self.num_threads} thread{'s' if self.num_threads > 1 else ''}"
 
 
-@contextlib.contextmanager
-def threads(n: int) -> Iterator[None]:
-    """torch's CPU thread count set to ``n`` inside, restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def speed_candidates(precision: str, num_threads: int | None, max_threads: int = 2) -> list[SpeedSetting]:
     """The settings to time: ``precision="auto"`` tries fp32 and bf16, ``num_threads=None`` 1..``max_threads``
     (at most the machine's cores). fp32 and fewer threads come first, so they win exact ties."""
@@ -253,7 +242,7 @@ def time_speed_settings(
     timings: dict[SpeedSetting, float] = {}
     with torch.random.fork_rng():
         for setting in candidates:
-            with threads(setting.num_threads):
+            with torch_threads(setting.num_threads):
                 trial = copy.deepcopy(model).train()
                 opt = make_optimizer(trial, cfg)
                 train_step(trial, opt, pixels_BCHW, setting, cfg.grad_clip)  # warm-up: allocator, oneDNN kernels
@@ -344,7 +333,7 @@ def train_loop(
     step = start_step
     cut = False
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train vq", unit="step", mininterval=2.0)
-    with threads(setting.num_threads), bar:
+    with torch_threads(setting.num_threads), bar:
         while step < cfg.max_steps:
             if elapsed_before + time.perf_counter() - t0 >= time_limit_s:
                 cut = True
@@ -574,7 +563,7 @@ def train_vq(
     speed_s = time.perf_counter() - t_speed
     summary = train_loop(model, images_train, cfg, setting, time_limit_s, out / STATE_NAME, save_every)
     t_eval = time.perf_counter()
-    with threads(setting.num_threads):
+    with torch_threads(setting.num_threads):
         metrics = evaluate(model, images_eval, [world.scene(i) for i in eval_indices])
     eval_s = time.perf_counter() - t_eval
     model.save_pretrained(out)
