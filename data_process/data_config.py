@@ -8,7 +8,7 @@ Format::
       - {name: shapes_vqa, format: llava, root: ., image_dir: ., annotations: [vqa.jsonl], encode_images: true}
       - {name: shapes_text, format: text_jsonl, root: ., annotations: [text.jsonl], encode_images: false}
       - {name: cc3m, format: webdataset, root: /data/cc3m, shards: ["*.tar"]}
-      - {name: unix_ct, format: uni_x_ref, root: ., annotations: [ref.jsonl], codebook_size: 8192,
+      - {name: uni_x_ct, format: uni_x_ref, root: ., annotations: [ref.jsonl], codebook_size: 8192,
          tokenizer_name: "chameleon@0123456789ab"}
 
 ``root`` is relative to the YAML's directory; ``image_dir``, ``annotations`` and ``shards`` (globs) are relative to

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from loguru import logger
 
+from modeling.configuration_uni_x import LEGACY_MODEL_TYPE, UniXConfig
 from modeling.vocab import DEFAULT_MAX_GRID, CodeVocab
 from uni_arch.train.args import DataArguments, ModelArguments, UniTrainingArguments
 
@@ -129,8 +130,6 @@ def build_data(model_args: ModelArguments, data_args: DataArguments, training_ar
 
 
 def _fresh_config(model_args: ModelArguments, code_vocab: CodeVocab):
-    from modeling import UniXConfig
-
     d = json.loads(Path(model_args.model_config).read_text(encoding="utf-8"))
     for key in ("model_type", "transformers_version", "architectures"):
         d.pop(key, None)
@@ -144,7 +143,7 @@ def _fresh_config(model_args: ModelArguments, code_vocab: CodeVocab):
     return UniXConfig(**d).with_vocab(code_vocab)
 
 
-TOOLKIT_MODEL_TYPES = ("uni_x_qwen2", "unix_qwen2")  # the current model_type and the pre-rename one
+TOOLKIT_MODEL_TYPES = (UniXConfig.model_type, LEGACY_MODEL_TYPE)  # the current model_type and the pre-rename one
 
 
 def _effective(config, name: str):
