@@ -46,6 +46,18 @@ class ImageTokenizer(nn.Module):
         """The string stored in every record's ``images[i].tokenizer``."""
         return f"{self.name}@{self.checkpoint_hash}"
 
+    @property
+    def native_grid(self) -> tuple[int, int]:  # pragma: no cover - abstract
+        """The code grid of an image at the tokenizer's own resolution (what text-to-image draws by default)."""
+        raise NotImplementedError
+
+    def code_levels(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The codebook level of each serialised position of an image of ``grid``: what ``encode`` returns as
+        ``levels_N``; a sampler allows at position ``p`` only the codes of level ``code_levels(grid)[p]``.
+        Single-level tokenizers: ``h * w`` zeros."""
+        h, w = (int(x) for x in grid)
+        return torch.zeros(h * w, dtype=torch.long)
+
     def preprocess(self, images, grid: tuple[int, int] | None = None) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -173,6 +173,11 @@ class ChameleonVQGAN(ImageTokenizer):
     def downsample(self) -> int:
         return 2 ** (len(self.config.channel_multiplier) - 1)
 
+    @property
+    def native_grid(self) -> tuple[int, int]:
+        side = self.config.resolution // self.downsample
+        return side, side
+
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def taming_state_dict(self) -> dict[str, torch.Tensor]:
         """Our weights under the checkpoint's (taming) key names: what ``vqgan.ckpt["state_dict"]`` holds."""

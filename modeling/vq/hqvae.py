@@ -192,6 +192,14 @@ class HQVAE(ImageTokenizer):
         self.level_sizes = cfg.level_sizes
         self.preprocessor = Preprocessor("fixed", cfg.resolution, cfg.top_downsample)
 
+    @property
+    def native_grid(self) -> tuple[int, int]:
+        return self.config.top_grid
+
+    def code_levels(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Interleaved: per top position, its top code (level 0) then its 2x2 bottom block (level 1)."""
+        return serialized_levels(int(grid[0]) * int(grid[1]))
+
     # -- training / analysis forward ------------------------------------------------------------------------------
     def quantize_levels(self, pixels_BCHW: torch.Tensor):
         """-> (q_t, q_b, vq_loss, top_BHW, bottom_B2H2W); straight-through quantised maps for training."""

@@ -278,6 +278,10 @@ class ShapesVQ(ImageTokenizer):
     def grid(self) -> tuple[int, int]:
         return self.config.grid
 
+    @property
+    def native_grid(self) -> tuple[int, int]:
+        return self.config.grid
+
     # ------------------------------------------------------------------------------------------ training
     def forward(self, pixels_BCHW: torch.Tensor) -> VQOutput:
         """Reconstruct ``pixels_BCHW`` in [-1, 1]; loss = MSE + ``commitment_beta`` * commitment."""

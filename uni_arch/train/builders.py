@@ -79,6 +79,23 @@ def build_sample_builder(data_args: DataArguments, tokenizer, code_vocab: CodeVo
     return SampleBuilder(tokenizer, code_vocab, **kwargs)
 
 
+def build_inference_spec(model_args: ModelArguments, data_args: DataArguments, tokenizer, code_vocab: CodeVocab):
+    """What every saved checkpoint records about its use (``uni_x_inference.json``): the renderer's settings, and the
+    image tokenizer (kind, absolute path, weights hash, native grid) when one was given."""
+    from uni_arch.train.inference_spec import ImageTokenizerRef, InferenceSpec
+
+    ref = grid = None
+    if model_args.image_tokenizer_path:
+        from modeling.vq import load_image_tokenizer
+
+        vq = load_image_tokenizer(model_args.image_tokenizer, model_args.image_tokenizer_path)
+        ref = ImageTokenizerRef(model_args.image_tokenizer, str(Path(model_args.image_tokenizer_path).resolve()),
+                                vq.checkpoint_hash)
+        grid = vq.native_grid
+    builder = build_sample_builder(data_args, tokenizer, code_vocab)
+    return InferenceSpec.from_builder(builder, ref, grid, variant=model_args.variant)
+
+
 def build_train_dataset(data_args: DataArguments, training_args: UniTrainingArguments, sample_builder, code_vocab):
     """Map-style packed rows, or a stream of them (``streaming_data=1``; needs ``max_steps``).
 

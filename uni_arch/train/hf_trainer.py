@@ -64,6 +64,7 @@ def make_trainer(
         processing_class=tokenizer,
         callbacks=callbacks,
         code_vocab=code_vocab,
+        inference_spec=builders.build_inference_spec(model_args, data_args, tokenizer, code_vocab),
     )
 
 

@@ -83,13 +83,15 @@ class Sample:
 
 
 OPENAI_ROLES = {"user": "human", "assistant": "gpt", "system": "system"}
+IMAGE_PART_TYPES = ("image", "image_url", "image_gen")  # content parts that stand for one image block
 
 
 def turns_from_messages(messages: list[dict[str, Any]], image_placeholder: str = "<image>") -> list[dict[str, str]]:
     """OpenAI-style ``messages`` -> record-style turns (``from``/``value``) for :meth:`SampleBuilder.chat_prompt_ids`.
 
-    ``content`` may be a string or a list of parts; image parts (``image`` / ``image_url``) become the placeholder,
-    in order, exactly as the jinja templates render them. The caller passes the encoded images in the same order.
+    ``content`` may be a string or a list of parts; image parts (``image`` / ``image_url``, and ``image_gen``: an
+    image an assistant turn generated, kept as its codes) become the placeholder, in order, exactly as the jinja
+    templates render them. The caller passes the encoded images in the same order.
     """
     turns = []
     for i, message in enumerate(messages):
@@ -105,10 +107,11 @@ def turns_from_messages(messages: list[dict[str, Any]], image_placeholder: str =
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "text":
                     parts.append(part["text"])
-                elif kind in ("image", "image_url"):
+                elif kind in IMAGE_PART_TYPES:
                     parts.append(image_placeholder)
                 else:
-                    raise ValueError(f"messages[{i}].content[{j}].type={kind!r} is not one of text, image, image_url")
+                    raise ValueError(f"messages[{i}].content[{j}].type={kind!r} is not one of text, "
+                                     f"{', '.join(IMAGE_PART_TYPES)}")
             content = "".join(parts)
         turns.append({"from": OPENAI_ROLES[role], "value": content})
     return turns
@@ -152,7 +155,12 @@ class ChatFormat:
         path = Path(template_dir if template_dir is not None else DEFAULT_TEMPLATE_DIR) / f"{name}.yaml"
         if not path.is_file():
             raise FileNotFoundError(f"chat format {path} not found (template_dir holds <name>.yaml and its jinja)")
-        raw: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return cls.from_dict(yaml.safe_load(path.read_text(encoding="utf-8")), source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: str) -> "ChatFormat":
+        """Validate a format's fields (a YAML file's, or the copy a checkpoint carries); errors name ``source``."""
+        path = source
         known = {f for f in cls.__dataclass_fields__ if f != "source"}
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a mapping of {sorted(known)}")
@@ -161,6 +169,7 @@ class ChatFormat:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
         if not isinstance(raw["roles"], dict) or set(raw["roles"]) != set(ROLES):
             raise ValueError(f"{path}: roles must describe exactly {', '.join(ROLES)}, got {raw['roles']!r}")
+        raw = dict(raw)  # never mutate the caller's dict
         try:
             raw["roles"] = {name: RoleFormat(**spec) for name, spec in raw["roles"].items()}
         except TypeError as e:
@@ -171,6 +180,13 @@ class ChatFormat:
             raise ValueError(f"{path}: i2t_questions must not be empty")
         raw["i2t_questions"] = tuple(raw["i2t_questions"])
         return cls(**raw, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as the YAML file holds them (inverse of :meth:`from_dict`, ``source`` left out)."""
+        d = {f: getattr(self, f) for f in self.__dataclass_fields__ if f != "source"}
+        d["roles"] = {name: vars(role).copy() for name, role in self.roles.items()}
+        d["i2t_questions"] = list(self.i2t_questions)
+        return d
 
     def jinja_path(self) -> Path:
         return Path(self.source).parent / self.chat_template
@@ -251,6 +267,7 @@ class SampleBuilder:
             ``size_tags`` is False. None: only ``size_tags`` decides.
         system_prompt: a system turn for chat samples without one (overrides the YAML's ``system_prompt``).
         template_dir / template_name: where ``<template_name>.yaml`` lives (default ``configs/chat_templates``).
+        chat_format: an already loaded format (a checkpoint's own copy, ``uni_x_inference.json``) instead of the file.
 
     The builder holds no randomness: every draw comes from the ``rng`` passed to :meth:`build`.
     """
@@ -268,6 +285,7 @@ class SampleBuilder:
         system_prompt: str | None = None,
         template_dir: str | Path | None = None,
         template_name: str = "chatml",
+        chat_format: ChatFormat | None = None,
     ):
         if not getattr(tokenizer, "is_fast", False):
             raise TypeError(
@@ -287,7 +305,7 @@ class SampleBuilder:
         self.tokenizer, self.code_vocab = tokenizer, code_vocab
         self.t2i_ratio, self.cfg_dropout, self.ignore_instruction = t2i_ratio, cfg_dropout, ignore_instruction
         self.size_tags, self.fixed_grid = size_tags, (tuple(fixed_grid) if fixed_grid is not None else None)
-        self.format = ChatFormat.load(template_dir, template_name)
+        self.format = chat_format if chat_format is not None else ChatFormat.load(template_dir, template_name)
         self.system_prompt = system_prompt if system_prompt is not None else self.format.system_prompt
         answer_end = self.format.roles["gpt"].end
         self.answer_end_id = self._single_id(answer_end, "roles.gpt.end") if answer_end else None  # the stop token
@@ -305,6 +323,11 @@ class SampleBuilder:
     # ------------------------------------------------------------------------------------- image blocks
     def _wants_size_tag(self, grid: Sequence[int]) -> bool:
         return self.size_tags or (self.fixed_grid is not None and tuple(grid) != self.fixed_grid)
+
+    def size_tag_ids_for(self, grid: Sequence[int]) -> list[int]:
+        """The size tag that follows ``<|vision_start|>`` for an image of ``grid`` here ([] when none): what a
+        sampler must force after the model opens an image block itself."""
+        return self.code_vocab.size_tag_ids(grid) if self._wants_size_tag(grid) else []
 
     def _image(self, w: _Writer, image: ImageCodes, where: str, trained: bool, start_trained: bool) -> None:
         """Append ``<|vision_start|>`` [size tag] codes ``<|vision_end|>`` and record its span."""
@@ -413,9 +436,7 @@ class SampleBuilder:
         value = self.format.unconditional_prompt if prompt is None else self.format.t2i_instruction.format(prompt=prompt)
         ids = self.chat_prompt_ids([{"from": "human", "value": value}], [])
         ids.append(self.code_vocab.vision_start_id)
-        if grid is not None and self._wants_size_tag(grid):
-            ids += self.code_vocab.size_tag_ids(grid)
-        return ids
+        return ids + (self.size_tag_ids_for(grid) if grid is not None else [])
 
     def chat_prompt_ids(self, turns: list[dict[str, str]], images: list[ImageCodes]) -> list[int]:
         """Render ``turns`` (record-style ``from``/``value``) plus the generation prompt: the input for a reply."""

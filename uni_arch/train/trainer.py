@@ -59,13 +59,24 @@ def modality_losses(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, vocab: Co
 
 
 class UniTrainer(Trainer):
-    """HF Trainer + per-modality metrics (see the module docstring). Extra args: ``code_vocab``."""
+    """HF Trainer + per-modality metrics (see the module docstring). Extra args: ``code_vocab``, and
+    ``inference_spec`` (``uni_arch.train.inference_spec.InferenceSpec``), written into every saved checkpoint."""
 
-    def __init__(self, *args: Any, code_vocab: CodeVocab | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, code_vocab: CodeVocab | None = None, inference_spec=None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.code_vocab = code_vocab
+        self.inference_spec = inference_spec
         self._metric_sums: torch.Tensor | None = None
         self._metric_clock: float | None = None
+
+    # ------------------------------------------------------------------------------------ save
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The stock save (every engine: plain, DDP, FSDP, DeepSpeed incl. ZeRO-3; ``checkpoint-N/`` saves come
+        through here too), then ``uni_x_inference.json`` next to the weights, by the process that writes them
+        (``should_save``), so every checkpoint says how to render prompts and which image tokenizer to use."""
+        super().save_model(output_dir, _internal_call)
+        if self.inference_spec is not None and self.args.should_save:
+            self.inference_spec.save(output_dir if output_dir is not None else self.args.output_dir)
 
     # ------------------------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
