@@ -12,7 +12,9 @@ renderer (``SampleBuilder.t2i_prompt_ids``):
     uncond   the unconditional (CFG) prompt
 
 A model that reads its caption scores ``own`` clearly below ``wrong`` and ``uncond``; a blind one scores all three
-the same. ``wrong - own`` is the figure to watch (the caption's information per code)::
+the same. ``wrong - own`` is the figure to watch (the caption's information per code), with its standard error
+over the images (paired differences). It is small by nature: colour and shape are a few nats per image spread
+over all its codes, most of them background, so also read it times ``codes_per_image``::
 
     python tools/conditioning_probe.py --checkpoint outputs/shapes-tiny-uni-x
     python tools/conditioning_probe.py --checkpoint /tmp/run --num_images 40 --out probe.json
@@ -101,16 +103,20 @@ def probe(checkpoint: str, num_images: int = 40, image_tokenizer: str | None = N
     scenes = [world.heldout_scene("colors", k) for k in range(num_images)]
     pixels = vq.preprocess([world.render(s) for s in scenes])
     encoded = vq.encode(pixels)
-    totals = {p: 0.0 for p in PROMPTS}
-    for scene, codes in tqdm(list(zip(scenes, encoded.codes_BN)), desc="probe", mininterval=5):
+    scores = torch.zeros(num_images, len(PROMPTS), dtype=torch.float64)
+    for i, (scene, codes) in enumerate(tqdm(list(zip(scenes, encoded.codes_BN)), desc="probe", mininterval=5)):
         code_ids = vocab.codes_to_ids(codes.numpy(), encoded.levels_N.numpy()).tolist()
         obj = scene.objects[0]
         prompts = {"own": photo_caption(obj.color, obj.shape), "wrong": wrong_caption(scene), "uncond": None}
-        for name, text in prompts.items():
-            totals[name] += code_nll(model, builder.t2i_prompt_ids(text, encoded.grid), code_ids)
-    result = {name: totals[name] / num_images for name in PROMPTS}
-    result.update(wrong_minus_own=result["wrong"] - result["own"], uncond_minus_own=result["uncond"] - result["own"],
-                  checkpoint=str(ckpt), num_images=num_images, world_seed=world_seed)
+        for j, name in enumerate(PROMPTS):
+            scores[i, j] = code_nll(model, builder.t2i_prompt_ids(prompts[name], encoded.grid), code_ids)
+    result: dict[str, Any] = {name: scores[:, j].mean().item() for j, name in enumerate(PROMPTS)}
+    for j, name in ((1, "wrong"), (2, "uncond")):
+        gap = scores[:, j] - scores[:, 0]  # paired per image: the images' own difficulty cancels
+        result[f"{name}_minus_own"] = gap.mean().item()
+        result[f"{name}_minus_own_se"] = (gap.std() / math.sqrt(num_images)).item() if num_images > 1 else float("nan")
+    result.update(codes_per_image=len(encoded.levels_N), checkpoint=str(ckpt), num_images=num_images,
+                  world_seed=world_seed)
     if not all(math.isfinite(result[p]) for p in PROMPTS):
         raise FloatingPointError(f"{ckpt}: non-finite scores {result}")
     return result
@@ -122,8 +128,9 @@ def main(checkpoint: str, num_images: int = 40, out: str | None = None, image_to
     setup_logging()
     result = probe(checkpoint, num_images, image_tokenizer, image_tokenizer_path, world_seed, threads)
     logger.info(f"{checkpoint}: nats/code own {result['own']:.4f} wrong {result['wrong']:.4f} uncond "
-                f"{result['uncond']:.4f} (wrong-own {result['wrong_minus_own']:+.4f}, "
-                f"uncond-own {result['uncond_minus_own']:+.4f}) over {num_images} held-out single-object images")
+                f"{result['uncond']:.4f} (wrong-own {result['wrong_minus_own']:+.4f} +- {result['wrong_minus_own_se']:.4f}, "
+                f"uncond-own {result['uncond_minus_own']:+.4f} +- {result['uncond_minus_own_se']:.4f} s.e.) over "
+                f"{num_images} held-out single-object images")
     if out:
         atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     return result
