@@ -18,7 +18,7 @@ import torch
 from loguru import logger
 
 from modeling.vocab import CodeVocab
-from uni_arch.train.inference_spec import InferenceSpec
+from uni_arch.train.inference_spec import INFERENCE_SPEC_NAME, InferenceSpec
 from uni_arch.train.templates import ChatFormat, SampleBuilder
 
 OVERRIDES = ("image_tokenizer", "image_tokenizer_path", "tokenizer_path", "grid", "system_prompt", "size_tags",
@@ -92,22 +92,27 @@ def load_pipeline(checkpoint: str | Path, **overrides: Any) -> Pipeline:
     unknown = sorted(set(overrides) - set(OVERRIDES))
     if unknown:
         raise TypeError(f"load_pipeline: unknown override(s) {unknown}; known: {', '.join(OVERRIDES)}")
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     import modeling  # noqa: F401  registers uni_x_qwen2 with the Auto classes
     from data_process.text_tokenizer import load_text_tokenizer
     from modeling.vq import load_image_tokenizer
 
     checkpoint = str(checkpoint)
-    spec = InferenceSpec.load(checkpoint)
+    code_vocab = AutoConfig.from_pretrained(checkpoint).code_vocab
+    tokenizer = load_text_tokenizer(overrides.get("tokenizer_path") or checkpoint)
+    _check_text_tokenizer(tokenizer, code_vocab, checkpoint)
+    if not (Path(checkpoint) / INFERENCE_SPEC_NAME).is_file() and (Path(checkpoint) / "run_args.json").is_file():
+        logger.warning(f"{checkpoint} has no {INFERENCE_SPEC_NAME} (saved before checkpoints carried it): "
+                       f"rebuilding it from run_args.json (the image tokenizer's hash is today's, it cannot be checked)")
+        spec = InferenceSpec.from_run_args(checkpoint, tokenizer, code_vocab)
+    else:
+        spec = InferenceSpec.load(checkpoint)
     dtype = overrides.get("dtype") or "float32"
     model = AutoModelForCausalLM.from_pretrained(
         checkpoint, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype,
         attn_implementation=overrides.get("attn_implementation") or "sdpa")
     model.to(overrides.get("device") or "cpu").eval()
-    code_vocab = model.config.code_vocab
-    tokenizer = load_text_tokenizer(overrides.get("tokenizer_path") or checkpoint)
-    _check_text_tokenizer(tokenizer, code_vocab, checkpoint)
 
     ref = spec.image_tokenizer
     kind = overrides.get("image_tokenizer") or (ref.kind if ref else None)

@@ -106,3 +106,12 @@ def test_bad_spec_file_names_file_and_field(tmp_path):
     (tmp_path / INFERENCE_SPEC_NAME).write_text(json.dumps({"version": 1, "code_vocab": {}, "colour": 1}))
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['colour'\].*missing field\(s\) \['chat_format'"):
         InferenceSpec.load(tmp_path)
+
+
+def test_checkpoint_saved_before_the_spec_loads_from_run_args(trained, tmp_path):
+    _, out = trained
+    ckpt = tmp_path / "old"
+    shutil.copytree(out, ckpt, ignore=shutil.ignore_patterns("checkpoint-*", INFERENCE_SPEC_NAME))
+    pipe = load_pipeline(ckpt)
+    assert pipe.grid == (4, 4) and pipe.builder.system_prompt == "Be brief."
+    assert pipe.builder.t2i_prompt_ids("a cat") == load_pipeline(out).builder.t2i_prompt_ids("a cat")

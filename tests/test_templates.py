@@ -281,6 +281,10 @@ def test_turns_from_messages_renders_like_the_template(qwen):
     turns = turns_from_messages(with_image)
     assert turns == [{"from": "human", "value": "<image>What?"}]
     assert "<|im_start|>user\n<image>What?<|im_end|>" in qwen.apply_chat_template(with_image, tokenize=False)
+    # an image the assistant generated (kept as codes by evaluation/uni_infer.py) is a placeholder in both renderers
+    gen = [{"role": "assistant", "content": [{"type": "text", "text": "Here:"}, {"type": "image_gen", "codes": [1]}]}]
+    assert turns_from_messages(gen) == [{"from": "gpt", "value": "Here:<image>"}]
+    assert "<|im_start|>assistant\nHere:<image><|im_end|>" in qwen.apply_chat_template(gen, tokenize=False)
     ids = b.chat_prompt_ids(turns, [img([1, 2, 3, 4])])
     assert ids[:3] == [151644, 872, 198] and ids[-3:] == [151644, 77091, 198]
     assert ids[3:9] == [151652] + [151665 + c for c in (1, 2, 3, 4)] + [151653]
