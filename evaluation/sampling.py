@@ -10,6 +10,8 @@ One loop serves text replies, text-to-image and 4o-style replies that mix both. 
   ``len(levels)`` codes; then ``<|vision_end|>`` is forced and the row is back in text mode (or done, for
   text-to-image), so every generated image decodes.
 * **forced** tokens (size tags, ``<|vision_end|>``) are fed without sampling and consume no randomness.
+* ``max_new_tokens`` ends rows in text mode; an image block already opened is still completed (its codes and
+  ``<|vision_end|>``), so a reply never holds half an image.
 
 CFG: each conditional row may have an unconditional twin (``t2i_prompt_ids(None)``) in the same batch, left-padded
 with an attention mask, so one forward gives both; in image mode ``logits = uncond + s * (cond - uncond)``. A twin
@@ -29,6 +31,7 @@ image).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -145,9 +148,15 @@ class ConstrainedDecoder:
         use_cfg = all(twins)
         if cfg_scale != 1.0 and not use_cfg:
             raise ValueError(f"cfg_scale={cfg_scale} needs an uncond_prompt on every row")
-        B = len(rows)
         prompts = [p.prompt for p in plans] + ([p.uncond_prompt for p in plans] if use_cfg else [])
         L = max(len(p) for p in prompts)
+        # an image started at the last step is still finished: the budget grows by at most one image block
+        longest = L + max_new_tokens + (len(self.size_tag) + len(self.levels) + 1) * any(p.allow_draw for p in plans)
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if context is not None and longest > context:
+            raise ValueError(f"a prompt of {L} tokens plus up to {longest - L} new tokens exceeds the model's context "
+                             f"of {context} tokens (max_position_embeddings): shorten the conversation or "
+                             f"max_new_tokens")
         ids_BL = torch.full((len(prompts), L), self.pad_id, dtype=torch.long)
         mask_BL = torch.zeros((len(prompts), L), dtype=torch.long)
         for i, p in enumerate(prompts):  # left padding: every prompt ends at column L - 1
@@ -159,7 +168,11 @@ class ConstrainedDecoder:
         out = self.model(input_ids=ids_BL, attention_mask=mask_BL, use_cache=use_cache)
         cache = out.past_key_values if use_cache else None
         logits = out.logits[:, -1].float()
-        for _ in range(max_new_tokens):
+        for step in itertools.count():
+            if step >= max_new_tokens:  # out of budget: rows in text stop, an image being drawn is completed
+                for r in rows:
+                    if r.mode == TEXT and not r.forced:
+                        r.mode = DONE
             next_B = self._choose(rows, logits, text, image, cfg_scale if use_cfg else None, logs, return_logits)
             if all(r.mode == DONE for r in rows):
                 break

@@ -173,6 +173,10 @@ class UniInfer:
         """OpenAI-style messages -> the training renderer's ids for a reply (images encoded or taken as codes)."""
         if not isinstance(messages, list) or not messages:
             raise ValueError(f"{where} must be a non-empty list of messages")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise ValueError(f"{where}[{i}] must be a message object with role and content, got "
+                                 f"{type(message).__name__}")
         images: list[ImageCodes] = []
         for i, message in enumerate(messages):
             content = message.get("content") if isinstance(message, dict) else None
@@ -229,6 +233,8 @@ class UniInfer:
         seeded ``seed + i``). Generated images come back as parts (``image_gen``, with the picture and codes)."""
         if draw not in ("never", "auto", "always"):
             raise ValueError(f"draw={draw!r} must be never, auto or always")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
         single = bool(messages) and isinstance(messages[0], dict)
         conversations = [messages] if single else list(messages)
         builder, vocab = self.pipe.builder, self.pipe.code_vocab

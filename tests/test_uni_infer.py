@@ -226,6 +226,8 @@ def test_auto_draw_switches_to_image_mode_and_the_image_stays_as_codes(infer):
     block = reply.ids[start:start + 18]
     assert all(vocab.is_image_id(t) for t in block[1:17]) and block[17] == vocab.vision_end_id
     assert reply.images and reply.images[0].image.size == (16, 16) and len(reply.images[0].codes) == 16
+    short = biased.chat(messages, draw="auto", max_new_tokens=3, seed=0)  # out of budget mid-image: completed
+    assert len(short.ids) == 18 and short.ids[-1] == vocab.vision_end_id and len(short.images) == 1
     history = messages + [reply.message, {"role": "user", "content": "and now?"}]
     ids = infer.prompt_ids(history)
     codes = vocab.codes_to_ids(reply.images[0].codes).tolist()
@@ -261,6 +263,14 @@ def test_draw_always_starts_with_an_image_and_guides_it(infer):
     vocab = infer.pipe.code_vocab
     assert reply.ids[0] == vocab.vision_start_id and reply.ids[17] == vocab.vision_end_id
     assert reply.parts[0]["type"] == "image_gen" and len(reply.parts[0]["codes"]) == 16
+
+
+def test_prompt_longer_than_the_context_is_refused(infer):
+    context = infer.pipe.model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"exceeds the model's context of {context} tokens"):
+        infer.chat([{"role": "user", "content": "red " * context}], max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"messages\[1\] must be a message object"):
+        infer.prompt_ids([{"role": "user", "content": "hi"}, "hello"])
 
 
 def test_bad_image_inputs_are_named(infer):
