@@ -156,6 +156,15 @@ def test_zero3_checkpoint_loads_with_from_pretrained(runs):
 
 
 @pytest.mark.slow
+def test_every_engine_saves_the_inference_spec_next_to_the_weights(runs):
+    """uni_x_inference.json is written by the process that writes the weights, under DDP, ZeRO-2 and ZeRO-3 alike."""
+    from uni_arch.train.inference_spec import InferenceSpec
+
+    specs = {engine: InferenceSpec.load(out) for engine, (out, _) in runs.items()}
+    assert specs["zero3"] == specs["ddp"] == specs["zero2"] and specs["ddp"].chat_format["roles"]
+
+
+@pytest.mark.slow
 def test_two_ranks_equal_one_rank_with_gradient_accumulation(runs, one_rank_ga2):
     """Same rows, same order, same global batch: the logged losses and the trained weights must agree (the loss is
     normalised by the token count of the whole accumulated, all-rank batch and scaled by ``num_processes`` for DDP's
