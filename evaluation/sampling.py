@@ -137,6 +137,8 @@ class ConstrainedDecoder:
             max_new_tokens: int = 256, use_cache: bool = True, return_logits: bool = False):
         """Decode every plan; returns the generated ids per row (and, with ``return_logits``, the guided logits of
         every sampled step per row, for tests)."""
+        if not plans:
+            raise ValueError("no rows to decode")
         device = next(self.model.parameters()).device
         rows = [_Row(p, torch.Generator(device=device).manual_seed(int(p.seed))) for p in plans]
         for r in rows:
@@ -165,7 +167,8 @@ class ConstrainedDecoder:
         ids_BL, mask_BL = ids_BL.to(device), mask_BL.to(device)
         logs: list[list[torch.Tensor]] = [[] for _ in rows]
 
-        out = self.model(input_ids=ids_BL, attention_mask=mask_BL, use_cache=use_cache)
+        # logits_to_keep=1: only the last position's logits (a 160k-row head over a long prompt is GBs otherwise)
+        out = self.model(input_ids=ids_BL, attention_mask=mask_BL, use_cache=use_cache, logits_to_keep=1)
         cache = out.past_key_values if use_cache else None
         logits = out.logits[:, -1].float()
         for step in itertools.count():
@@ -181,11 +184,11 @@ class ConstrainedDecoder:
             mask_BL = torch.cat([mask_BL, cols[:, None]], dim=1)
             if use_cache:
                 out = self.model(input_ids=feed[:, None], attention_mask=mask_BL, past_key_values=cache,
-                                 use_cache=True)
+                                 use_cache=True, logits_to_keep=1)
                 cache = out.past_key_values
             else:
                 ids_BL = torch.cat([ids_BL, feed[:, None]], dim=1)
-                out = self.model(input_ids=ids_BL, attention_mask=mask_BL, use_cache=False)
+                out = self.model(input_ids=ids_BL, attention_mask=mask_BL, use_cache=False, logits_to_keep=1)
             logits = out.logits[:, -1].float()
         outs = [r.out for r in rows]
         return (outs, logs) if return_logits else outs

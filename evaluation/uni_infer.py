@@ -179,7 +179,7 @@ class UniInfer:
                                  f"{type(message).__name__}")
         images: list[ImageCodes] = []
         for i, message in enumerate(messages):
-            content = message.get("content") if isinstance(message, dict) else None
+            content = message.get("content")
             for j, part in enumerate(content if isinstance(content, list) else []):
                 if not isinstance(part, dict) or part.get("type") not in IMAGE_PART_TYPES:
                     continue
