@@ -108,6 +108,9 @@ def load_pipeline(checkpoint: str | Path, **overrides: Any) -> Pipeline:
         spec = InferenceSpec.from_run_args(checkpoint, tokenizer, code_vocab)
     else:
         spec = InferenceSpec.load(checkpoint)
+    if CodeVocab.from_dict(spec.code_vocab) != code_vocab:
+        raise ValueError(f"{checkpoint}: {INFERENCE_SPEC_NAME} was written for the code vocabulary {spec.code_vocab} "
+                         f"but config.code_vocab is {code_vocab.to_dict()}: the file belongs to another run")
     dtype = overrides.get("dtype") or "float32"
     model = AutoModelForCausalLM.from_pretrained(
         checkpoint, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype,

@@ -100,6 +100,17 @@ def test_changed_image_tokenizer_weights_are_refused(trained, tmp_path):
         load_pipeline(ckpt)
 
 
+def test_spec_of_another_vocabulary_is_refused(trained, tmp_path):
+    _, out = trained
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(out, ckpt, ignore=shutil.ignore_patterns("checkpoint-*"))
+    raw = json.loads((ckpt / INFERENCE_SPEC_NAME).read_text())
+    raw["code_vocab"]["level_sizes"] = [128]
+    (ckpt / INFERENCE_SPEC_NAME).write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"code vocabulary .*\[128\].* but config.code_vocab is .*\[64\]"):
+        load_pipeline(ckpt)
+
+
 def test_bad_spec_file_names_file_and_field(tmp_path):
     with pytest.raises(FileNotFoundError, match=INFERENCE_SPEC_NAME):
         InferenceSpec.load(tmp_path)
