@@ -10,7 +10,8 @@ start at ``len(tokenizer)``), and the image tokenizer's levels and codebook size
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,28 @@ import torch
 from loguru import logger
 
 from modeling.vocab import CodeVocab
+from uni_arch.train.args import DataArguments, ModelArguments
+from uni_arch.train.builders import build_inference_spec
 from uni_arch.train.inference_spec import INFERENCE_SPEC_NAME, InferenceSpec
 from uni_arch.train.templates import ChatFormat, SampleBuilder
 
 OVERRIDES = ("image_tokenizer", "image_tokenizer_path", "tokenizer_path", "grid", "system_prompt", "size_tags",
              "template_dir", "template_name", "device", "dtype", "attn_implementation")
+
+
+def spec_from_run_args(directory: str | Path, tokenizer, code_vocab: CodeVocab) -> InferenceSpec:
+    """Rebuild the spec of a final checkpoint saved before ``uni_x_inference.json`` existed, from its
+    ``run_args.json`` (relative paths in it are the training run's: resolved against the current directory)."""
+    path = Path(directory) / "run_args.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        groups = []
+        for key, group in (("model", ModelArguments), ("data", DataArguments)):
+            known = {f.name for f in fields(group)}
+            groups.append(group(**{k: v for k, v in raw[key].items() if k in known}))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: cannot rebuild {INFERENCE_SPEC_NAME} from it ({type(e).__name__}: {e})") from e
+    return build_inference_spec(groups[0], groups[1], tokenizer, code_vocab)
 
 
 @dataclass
@@ -105,7 +123,7 @@ def load_pipeline(checkpoint: str | Path, **overrides: Any) -> Pipeline:
     if not (Path(checkpoint) / INFERENCE_SPEC_NAME).is_file() and (Path(checkpoint) / "run_args.json").is_file():
         logger.warning(f"{checkpoint} has no {INFERENCE_SPEC_NAME} (saved before checkpoints carried it): "
                        f"rebuilding it from run_args.json (the image tokenizer's hash is today's, it cannot be checked)")
-        spec = InferenceSpec.from_run_args(checkpoint, tokenizer, code_vocab)
+        spec = spec_from_run_args(checkpoint, tokenizer, code_vocab)
     else:
         spec = InferenceSpec.load(checkpoint)
     if CodeVocab.from_dict(spec.code_vocab) != code_vocab:

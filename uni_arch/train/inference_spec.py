@@ -86,24 +86,6 @@ class InferenceSpec:
             chat_format=chat_format or ChatFormat.from_dict(self.chat_format, source=f"{source}: chat_format"),
         )
 
-    @classmethod
-    def from_run_args(cls, directory: str | Path, tokenizer, code_vocab: CodeVocab) -> "InferenceSpec":
-        """Rebuild the spec of a final checkpoint saved before this file existed, from its ``run_args.json``
-        (relative paths in it are the training run's: resolved against the current directory)."""
-        from uni_arch.train import builders
-        from uni_arch.train.args import DataArguments, ModelArguments
-
-        path = Path(directory) / "run_args.json"
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-            groups = []
-            for key, group in (("model", ModelArguments), ("data", DataArguments)):
-                known = {f.name for f in fields(group)}
-                groups.append(group(**{k: v for k, v in raw[key].items() if k in known}))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: cannot rebuild {INFERENCE_SPEC_NAME} from it ({type(e).__name__}: {e})") from e
-        return builders.build_inference_spec(groups[0], groups[1], tokenizer, code_vocab)
-
     # ------------------------------------------------------------------------------------------ files
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
