@@ -21,21 +21,30 @@ image the twin's columns after its prompt are masked out again, so each image is
 prompt. Positions follow the mask (the model counts real tokens), so masked columns leave no gap. transformers'
 ``guidance_scale`` would run a second, unbatched forward per step instead.
 
+Continuous batching: :class:`DecodeBatch` is the running batch (rows, their twins, the KV cache, the mask and each
+row's pending logits). ``add`` prefills new rows in one forward of their own and merges them in: the side with the
+shorter cache is left-padded along the sequence axis (zero mask columns, so positions and attention are unchanged)
+and the two are concatenated along the batch axis. ``step`` picks one token for every row and runs one forward for
+all of them. Finished or cancelled rows leave with ``remove`` (the kept batch indices are selected in the cache and
+the mask, and the columns no row attends any more are trimmed on the left). Settings (sampling, CFG scale, budget)
+are per row, so requests with different settings share forwards. :meth:`ConstrainedDecoder.run` is "add every row,
+step until none is left": the same code path the server's scheduler (``evaluation.scheduler``) drives.
+
 The cache is used throughout: the prompt is encoded once, then one token per row per step. ``use_cache=False``
 recomputes the whole sequence every step: the reference the tests compare with and what ``bench.py`` times against.
 
 Randomness is per row: each row owns a ``torch.Generator`` seeded by the caller (seed per sample, not per batch), and
-draws exactly once per sampled token, so a sample is the same alone or in any batch (same seed and settings, same
-image).
+draws exactly once per sampled token, so a sample is the same alone, in any batch, or while other rows join and leave
+(tested to 1e-5 on the logits).
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from modeling.vocab import CodeVocab
@@ -92,14 +101,64 @@ class RowPlan:
     uncond_prompt: list[int] | None = None  # CFG twin's prompt (ends with <|vision_start|> [tag] iff start_in_image)
 
 
-@dataclass
-class _Row:
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How a group of rows (one request) is decoded; rows with different settings share a batch."""
+
+    text: SamplingSettings = TEXT_DEFAULTS
+    image: SamplingSettings = IMAGE_DEFAULTS
+    cfg_scale: float = 1.0  # applied in image mode to rows with a twin (with s = 1 the formula gives cond: tested)
+    max_new_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+
+
+@dataclass(eq=False)
+class DecodeRow:
+    """A conditional row in a :class:`DecodeBatch`: its state machine, its output and (optionally) its logits.
+
+    ``finish`` is None while the row decodes, then ``"stop"`` (a stop id, or the image of a text-to-image row is
+    complete), ``"length"`` (out of ``max_new_tokens`` in text mode) or ``"cancelled"`` (removed by the caller).
+    """
+
     plan: RowPlan
+    settings: DecodeSettings
     generator: torch.Generator
+    keep_logits: bool = False
     mode: int = TEXT
     pos: int = 0  # next code position in image mode
+    steps: int = 0  # tokens chosen so far (sampled or forced): the budget counter
     forced: list[int] = field(default_factory=list)
     out: list[int] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)  # guided, constrained scores of every sampled step
+    finish: str | None = None
+
+    @property
+    def has_twin(self) -> bool:
+        return self.plan.uncond_prompt is not None
+
+
+# ------------------------------------------------------------------------------------- cache surgery
+def _cache_layers(cache) -> list[DynamicLayer]:
+    """The cache's layers, refusing any that cannot be padded/selected as plain [B, H, T, D] tensors."""
+    layers = list(cache.layers)
+    for layer in layers:
+        # sliding-window, static or quantised layers keep other state (offsets, fixed lengths): not supported here
+        if type(layer) is not DynamicLayer or not layer.is_initialized:
+            raise TypeError(f"continuous batching needs a DynamicCache of initialised DynamicLayers, got "
+                            f"{type(layer).__name__} (initialised={getattr(layer, 'is_initialized', None)})")
+    return layers
+
+
+def _left_pad(t: torch.Tensor, n: int, dim: int, value: float = 0) -> torch.Tensor:
+    """``n`` columns of ``value`` before ``t`` along ``dim``."""
+    if n == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([t.new_full(shape, value), t], dim=dim)
 
 
 class ConstrainedDecoder:
@@ -121,8 +180,9 @@ class ConstrainedDecoder:
         self.size_tag, self.stop_ids, self.pad_id = list(size_tag), set(int(i) for i in stop_ids), int(pad_id)
         if not self.levels:
             raise ValueError("levels is empty: an image needs at least one code position")
+        self.device = next(model.parameters()).device
         vocab_size = model.config.vocab_size
-        ids_V = torch.arange(vocab_size, device=next(model.parameters()).device)
+        ids_V = torch.arange(vocab_size, device=self.device)
         text_V = ids_V < code_vocab.image_offset  # every id at or above it (codes, tags, padding rows) is banned
         text_V[code_vocab.vision_end_id] = False
         self._text_no_draw_V = text_V.clone()
@@ -132,112 +192,50 @@ class ConstrainedDecoder:
                                       (code_vocab.level_range(lv) for lv in range(len(code_vocab.level_sizes)))])
 
     # ---------------------------------------------------------------------------------------- public
+    def new_batch(self, use_cache: bool = True) -> "DecodeBatch":
+        """An empty running batch on this decoder's model and constraints."""
+        return DecodeBatch(self, use_cache)
+
+    def check(self, plans: Sequence[RowPlan], settings: DecodeSettings) -> None:
+        """Refuse rows that cannot be decoded (before any forward): a prompt plus the budget longer than the
+        model's context, CFG without a twin, an empty prompt."""
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        block = len(self.size_tag) + len(self.levels) + 1
+        for i, p in enumerate(plans):
+            if not p.prompt or (p.uncond_prompt is not None and not p.uncond_prompt):
+                raise ValueError(f"row {i}: empty prompt")
+            if settings.cfg_scale != 1.0 and p.uncond_prompt is None:
+                raise ValueError(f"cfg_scale={settings.cfg_scale} needs an uncond_prompt on every row (row {i} has none)")
+            n = max(len(p.prompt), len(p.uncond_prompt or []))
+            # an image started at the last step is still finished: the budget grows by at most one image block
+            longest = n + settings.max_new_tokens + block * p.allow_draw
+            if context is not None and longest > context:
+                raise ValueError(f"a prompt of {n} tokens plus up to {longest - n} new tokens exceeds the model's "
+                                 f"context of {context} tokens (max_position_embeddings): shorten the conversation "
+                                 f"or max_new_tokens")
+
     @torch.no_grad()
     def run(self, plans: Sequence[RowPlan], text: SamplingSettings, image: SamplingSettings, cfg_scale: float = 1.0,
             max_new_tokens: int = 256, use_cache: bool = True, return_logits: bool = False):
         """Decode every plan; returns the generated ids per row (and, with ``return_logits``, the guided logits of
-        every sampled step per row, for tests)."""
+        every sampled step per row, for tests). Add every row, step until none is left."""
         if not plans:
             raise ValueError("no rows to decode")
-        device = next(self.model.parameters()).device
-        rows = [_Row(p, torch.Generator(device=device).manual_seed(int(p.seed))) for p in plans]
-        for r in rows:
-            if r.plan.start_in_image:
-                r.mode = IMAGE
-        twins = [p.uncond_prompt is not None for p in plans]
-        if any(twins) and not all(twins):
-            raise ValueError("either every row has an uncond_prompt (CFG) or none has")
-        use_cfg = all(twins)
-        if cfg_scale != 1.0 and not use_cfg:
-            raise ValueError(f"cfg_scale={cfg_scale} needs an uncond_prompt on every row")
-        prompts = [p.prompt for p in plans] + ([p.uncond_prompt for p in plans] if use_cfg else [])
-        L = max(len(p) for p in prompts)
-        # an image started at the last step is still finished: the budget grows by at most one image block
-        longest = L + max_new_tokens + (len(self.size_tag) + len(self.levels) + 1) * any(p.allow_draw for p in plans)
-        context = getattr(self.model.config, "max_position_embeddings", None)
-        if context is not None and longest > context:
-            raise ValueError(f"a prompt of {L} tokens plus up to {longest - L} new tokens exceeds the model's context "
-                             f"of {context} tokens (max_position_embeddings): shorten the conversation or "
-                             f"max_new_tokens")
-        ids_BL = torch.full((len(prompts), L), self.pad_id, dtype=torch.long)
-        mask_BL = torch.zeros((len(prompts), L), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding: every prompt ends at column L - 1
-            ids_BL[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask_BL[i, L - len(p):] = 1
-        ids_BL, mask_BL = ids_BL.to(device), mask_BL.to(device)
-        logs: list[list[torch.Tensor]] = [[] for _ in rows]
-
-        # logits_to_keep=1: only the last position's logits (a 160k-row head over a long prompt is GBs otherwise)
-        out = self.model(input_ids=ids_BL, attention_mask=mask_BL, use_cache=use_cache, logits_to_keep=1)
-        cache = out.past_key_values if use_cache else None
-        logits = out.logits[:, -1].float()
-        for step in itertools.count():
-            if step >= max_new_tokens:  # out of budget: rows in text stop, an image being drawn is completed
-                for r in rows:
-                    if r.mode == TEXT and not r.forced:
-                        r.mode = DONE
-            next_B = self._choose(rows, logits, text, image, cfg_scale if use_cfg else None, logs, return_logits)
-            if all(r.mode == DONE for r in rows):
-                break
-            feed, cols = self._feed(rows, next_B, use_cfg, mask_BL, L)
-            feed, cols = feed.to(device), cols.to(device)
-            mask_BL = torch.cat([mask_BL, cols[:, None]], dim=1)
-            if use_cache:
-                out = self.model(input_ids=feed[:, None], attention_mask=mask_BL, past_key_values=cache,
-                                 use_cache=True, logits_to_keep=1)
-                cache = out.past_key_values
-            else:
-                ids_BL = torch.cat([ids_BL, feed[:, None]], dim=1)
-                out = self.model(input_ids=ids_BL, attention_mask=mask_BL, use_cache=False, logits_to_keep=1)
-            logits = out.logits[:, -1].float()
+        batch = self.new_batch(use_cache)
+        rows = batch.add(plans, DecodeSettings(text, image, cfg_scale, max_new_tokens), keep_logits=return_logits)
+        while batch.rows:
+            batch.step()
         outs = [r.out for r in rows]
-        return (outs, logs) if return_logits else outs
+        return (outs, [r.logits for r in rows]) if return_logits else outs
 
-    # ------------------------------------------------------------------------------------- per step
-    def _choose(self, rows: list[_Row], logits_BV: torch.Tensor, text: SamplingSettings, image: SamplingSettings,
-                cfg_scale: float | None, logs, keep_logits: bool) -> list[int | None]:
-        """The next token of every row: forced, sampled under its mode's constraints, or None (row done)."""
-        B = len(rows)
-        cond_BV = logits_BV[:B]
-        if cfg_scale is not None:  # twins present (with s = 1 the formula gives cond: tested)
-            uncond_BV = logits_BV[B:]
-            guided_BV = uncond_BV + cfg_scale * (cond_BV - uncond_BV)
-            in_image_B = torch.tensor([r.mode == IMAGE for r in rows], device=cond_BV.device)
-            cond_BV = torch.where(in_image_B[:, None], guided_BV, cond_BV)
-        chosen: list[int | None] = [None] * B
-        sampled = {TEXT: [], IMAGE: []}
-        for i, r in enumerate(rows):
-            if r.mode == DONE:
-                continue
-            if r.forced:
-                chosen[i] = r.forced.pop(0)
-            else:
-                sampled[r.mode].append(i)
-        for mode, idx in sampled.items():
-            if not idx:
-                continue
-            settings = image if mode == IMAGE else text
-            scores_NV = cond_BV[idx].clone()
-            allowed_NV = torch.stack([self._allowed(rows[i]) for i in idx])
-            scores_NV = scores_NV.masked_fill(~allowed_NV, float("-inf"))
-            if keep_logits:
-                for n, i in enumerate(idx):
-                    logs[i].append(scores_NV[n].cpu())
-            picks = self._sample(scores_NV, allowed_NV, settings, [rows[i] for i in idx])
-            for i, tok in zip(idx, picks):
-                chosen[i] = tok
-        for i, r in enumerate(rows):
-            if chosen[i] is not None:
-                self._advance(r, chosen[i])
-        return chosen
-
-    def _allowed(self, r: _Row) -> torch.Tensor:
+    # ------------------------------------------------------------------------------------- per row
+    def allowed(self, r: DecodeRow) -> torch.Tensor:
         if r.mode == IMAGE:
             return self._level_LV[self.levels[r.pos]]
         return self._text_draw_V if r.plan.allow_draw else self._text_no_draw_V
 
-    def _sample(self, scores_NV: torch.Tensor, allowed_NV: torch.Tensor, s: SamplingSettings,
-                rows: list[_Row]) -> list[int]:
+    def sample(self, scores_NV: torch.Tensor, allowed_NV: torch.Tensor, s: SamplingSettings,
+               rows: list[DecodeRow]) -> list[int]:
         if s.temperature == 0:
             return scores_NV.argmax(-1).tolist()
         scores_NV = scores_NV / s.temperature
@@ -252,15 +250,16 @@ class ConstrainedDecoder:
         probs_NV = torch.softmax(scores_NV, dim=-1)
         return [int(torch.multinomial(probs_NV[n], 1, generator=r.generator)) for n, r in enumerate(rows)]
 
-    def _advance(self, r: _Row, tok: int) -> None:
+    def advance(self, r: DecodeRow, tok: int) -> None:
         """Record ``tok`` and move the row's state machine."""
         r.out.append(tok)
+        r.steps += 1
         if r.mode == IMAGE and self.vocab.is_image_id(tok):
             r.pos += 1
             if r.pos == len(self.levels):
                 r.pos = 0
                 if r.plan.stop_after_image:
-                    r.mode = DONE
+                    r.mode, r.finish = DONE, "stop"
                 else:
                     r.mode = TEXT
                     r.forced = [self.vocab.vision_end_id]
@@ -268,19 +267,179 @@ class ConstrainedDecoder:
             r.mode, r.pos = IMAGE, 0
             r.forced = list(self.size_tag)
         elif r.mode == TEXT and not r.forced and tok in self.stop_ids:
-            r.mode = DONE
+            r.mode, r.finish = DONE, "stop"
 
-    def _feed(self, rows: list[_Row], next_B: list[int | None], use_cfg: bool, mask_BL: torch.Tensor,
-              prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The token every batch row is fed next and its mask column (0 = ignored from now on)."""
-        B = len(rows)
-        feed = [self.pad_id if t is None else t for t in next_B]
-        cols = [0 if t is None else 1 for t in next_B]
-        if use_cfg:
-            for i, t in enumerate(next_B):
-                follows = t is not None and bool(self.vocab.is_vision_id(t))
-                feed.append(t if follows else self.pad_id)
-                cols.append(1 if follows else 0)
-                if t == self.vocab.vision_end_id:  # the image is closed: the twin forgets it
-                    mask_BL[B + i, prompt_len:] = 0
-        return torch.tensor(feed, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
+
+class DecodeBatch:
+    """The running batch of a :class:`ConstrainedDecoder`: rows join (``add``), decode together (``step``) and leave
+    (``remove``, or by finishing) at any step; see the module docstring.
+
+    Batch layout: ``slots`` lists, per batch index, the row it belongs to and whether it is that row's CFG twin.
+    ``mask_BL`` (and ``ids_BL``, kept only without the cache) are left-padded; ``logits_BV`` are every slot's
+    pending next-token logits.
+    """
+
+    def __init__(self, decoder: ConstrainedDecoder, use_cache: bool = True):
+        self.decoder, self.use_cache = decoder, use_cache
+        self.rows: list[DecodeRow] = []
+        self.slots: list[tuple[DecodeRow, bool]] = []
+        self.cache = None
+        self.mask_BL = self.ids_BL = self.logits_BV = None
+
+    def __len__(self) -> int:
+        """Batch rows in use, CFG twins included (what a scheduler's ``max_batch_rows`` counts)."""
+        return len(self.slots)
+
+    # ------------------------------------------------------------------------------------- join
+    @torch.no_grad()
+    def add(self, plans: Sequence[RowPlan], settings: DecodeSettings | Sequence[DecodeSettings],
+            keep_logits: bool = False) -> list[DecodeRow]:
+        """Prefill ``plans`` (one forward for all of them) and merge them into the batch; returns their rows, whose
+        ``out`` grows with every ``step``. ``settings``: one for all plans or one per plan."""
+        if not plans:
+            return []
+        per_plan = [settings] * len(plans) if isinstance(settings, DecodeSettings) else list(settings)
+        if len(per_plan) != len(plans):
+            raise ValueError(f"got {len(per_plan)} settings for {len(plans)} plans")
+        for p, s in zip(plans, per_plan):
+            self.decoder.check([p], s)
+        dec = self.decoder
+        rows = [DecodeRow(p, s, torch.Generator(device=dec.device).manual_seed(int(p.seed)), keep_logits,
+                          mode=IMAGE if p.start_in_image else TEXT) for p, s in zip(plans, per_plan)]
+        slots = [(r, twin) for r in rows for twin in ((False, True) if r.has_twin else (False,))]
+        prompts = [r.plan.uncond_prompt if twin else r.plan.prompt for r, twin in slots]
+        L = max(len(p) for p in prompts)
+        ids_NL = torch.full((len(prompts), L), dec.pad_id, dtype=torch.long)
+        mask_NL = torch.zeros((len(prompts), L), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: every prompt ends at column L - 1
+            ids_NL[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask_NL[i, L - len(p):] = 1
+        ids_NL, mask_NL = ids_NL.to(dec.device), mask_NL.to(dec.device)
+        # logits_to_keep=1: only the last position's logits (a 160k-row head over a long prompt is GBs otherwise)
+        out = dec.model(input_ids=ids_NL, attention_mask=mask_NL, use_cache=self.use_cache, logits_to_keep=1)
+        self._merge(slots, out.past_key_values if self.use_cache else None, mask_NL, ids_NL, out.logits[:, -1].float())
+        self.rows += rows
+        return rows
+
+    def _merge(self, slots, cache, mask_NL, ids_NL, logits_NV) -> None:
+        """Append prefilled slots: left-pad whichever side is shorter so all rows end at the same column, then
+        concatenate along the batch axis (cache keys/values [B, H, T, D], mask and ids [B, T], logits [B, V])."""
+        if not self.slots:
+            self.slots, self.cache, self.mask_BL, self.logits_BV = slots, cache, mask_NL, logits_NV
+            self.ids_BL = None if self.use_cache else ids_NL
+            return
+        old_len, new_len = self.mask_BL.shape[1], mask_NL.shape[1]
+        pad_old, pad_new = max(0, new_len - old_len), max(0, old_len - new_len)
+        if self.use_cache:
+            for old, new in zip(_cache_layers(self.cache), _cache_layers(cache), strict=True):
+                old.keys = torch.cat([_left_pad(old.keys, pad_old, -2), _left_pad(new.keys, pad_new, -2)], dim=0)
+                old.values = torch.cat([_left_pad(old.values, pad_old, -2), _left_pad(new.values, pad_new, -2)], 0)
+        else:
+            self.ids_BL = torch.cat([_left_pad(self.ids_BL, pad_old, 1, self.decoder.pad_id),
+                                     _left_pad(ids_NL, pad_new, 1, self.decoder.pad_id)])
+        self.mask_BL = torch.cat([_left_pad(self.mask_BL, pad_old, 1), _left_pad(mask_NL, pad_new, 1)])
+        self.logits_BV = torch.cat([self.logits_BV, logits_NV])
+        self.slots += slots
+
+    # ------------------------------------------------------------------------------------- leave
+    def remove(self, rows: Sequence[DecodeRow], finish: str = "cancelled") -> None:
+        """Take ``rows`` (and their twins) out of the batch; rows still decoding get ``finish``."""
+        gone = set(id(r) for r in rows)
+        for r in rows:
+            if r.finish is None:
+                r.mode, r.finish = DONE, finish
+        if not gone & set(id(r) for r in self.rows):
+            return
+        self.rows = [r for r in self.rows if id(r) not in gone]
+        keep = [b for b, (r, _) in enumerate(self.slots) if id(r) not in gone]
+        self.slots = [self.slots[b] for b in keep]
+        if not keep:
+            self.cache = self.mask_BL = self.ids_BL = self.logits_BV = None
+            return
+        keep_K = torch.tensor(keep, dtype=torch.long, device=self.mask_BL.device)
+        mask_KL = self.mask_BL.index_select(0, keep_K)
+        first = int(mask_KL.any(0).long().argmax())  # columns before it are padding for every kept row
+        self.mask_BL = mask_KL[:, first:]
+        self.logits_BV = self.logits_BV.index_select(0, keep_K)
+        if self.use_cache:
+            for layer in _cache_layers(self.cache):
+                layer.keys = layer.keys.index_select(0, keep_K)[:, :, first:]
+                layer.values = layer.values.index_select(0, keep_K)[:, :, first:]
+        else:
+            self.ids_BL = self.ids_BL.index_select(0, keep_K)[:, first:]
+
+    # -------------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self) -> list[DecodeRow]:
+        """One token for every row (forced or sampled), then one forward for the rows still decoding; returns the
+        rows that finished in this step (already removed from the batch)."""
+        if not self.rows:
+            return []
+        for r in self.rows:  # out of budget: rows in text stop, an image being drawn is completed
+            if r.steps >= r.settings.max_new_tokens and r.mode == TEXT and not r.forced:
+                r.mode, r.finish = DONE, "length"
+        chosen = self._choose()
+        finished = [r for r in self.rows if r.mode == DONE]
+        self.remove(finished)
+        if self.rows:
+            self._forward([chosen[id(r)] for r, _ in self.slots])
+        return finished
+
+    def _choose(self) -> dict[int, int]:
+        """The next token of every row still decoding (by ``id(row)``): forced, or sampled under its mode's
+        constraints and its own settings, with CFG on the rows in image mode that have a twin."""
+        dec = self.decoder
+        index = {(id(r), twin): b for b, (r, twin) in enumerate(self.slots)}
+        cond_RV = self.logits_BV.index_select(0, torch.tensor([index[id(r), False] for r in self.rows],
+                                                               device=self.logits_BV.device))
+        guided = [i for i, r in enumerate(self.rows) if r.has_twin and r.mode == IMAGE]
+        if guided:
+            g_G = torch.tensor(guided, device=cond_RV.device)
+            uncond_GV = self.logits_BV[[index[id(self.rows[i]), True] for i in guided]]
+            s_G1 = torch.tensor([self.rows[i].settings.cfg_scale for i in guided], device=cond_RV.device)[:, None]
+            cond_GV = cond_RV.index_select(0, g_G)
+            cond_RV[g_G] = uncond_GV + s_G1 * (cond_GV - uncond_GV)
+        chosen: dict[int, int] = {}
+        groups: dict[tuple[int, SamplingSettings], list[int]] = {}
+        for i, r in enumerate(self.rows):
+            if r.mode == DONE:
+                continue
+            if r.forced:
+                chosen[id(r)] = r.forced.pop(0)
+            else:
+                s = r.settings.image if r.mode == IMAGE else r.settings.text
+                groups.setdefault((r.mode, s), []).append(i)
+        for (_, settings), idx in groups.items():
+            allowed_NV = torch.stack([dec.allowed(self.rows[i]) for i in idx])
+            scores_NV = cond_RV[idx].masked_fill(~allowed_NV, float("-inf"))
+            for n, i in enumerate(idx):
+                if self.rows[i].keep_logits:
+                    self.rows[i].logits.append(scores_NV[n].cpu())
+            for i, tok in zip(idx, dec.sample(scores_NV, allowed_NV, settings, [self.rows[i] for i in idx])):
+                chosen[id(self.rows[i])] = tok
+        for r in self.rows:
+            if id(r) in chosen:
+                dec.advance(r, chosen[id(r)])
+        return chosen
+
+    def _forward(self, next_B: list[int]) -> None:
+        """Feed every slot its next token (twins: the row's vision tokens, else an ignored pad) and keep the logits."""
+        dec, vocab = self.decoder, self.decoder.vocab
+        feed, cols = [], []
+        for b, ((r, twin), t) in enumerate(zip(self.slots, next_B)):
+            follows = not twin or bool(vocab.is_vision_id(t))
+            feed.append(t if follows else dec.pad_id)
+            cols.append(1 if follows else 0)
+            if twin and t == vocab.vision_end_id:  # the image is closed: the twin forgets it
+                real_L = self.mask_BL[b].nonzero()[:, 0]
+                self.mask_BL[b, int(real_L[len(r.plan.uncond_prompt) - 1]) + 1:] = 0
+        feed_B = torch.tensor(feed, dtype=torch.long, device=self.mask_BL.device)
+        self.mask_BL = torch.cat([self.mask_BL, torch.tensor(cols, device=self.mask_BL.device)[:, None]], dim=1)
+        if self.use_cache:
+            out = dec.model(input_ids=feed_B[:, None], attention_mask=self.mask_BL, past_key_values=self.cache,
+                            use_cache=True, logits_to_keep=1)
+            self.cache = out.past_key_values
+        else:
+            self.ids_BL = torch.cat([self.ids_BL, feed_B[:, None]], dim=1)
+            out = dec.model(input_ids=self.ids_BL, attention_mask=self.mask_BL, use_cache=False, logits_to_keep=1)
+        self.logits_BV = out.logits[:, -1].float()
