@@ -37,7 +37,7 @@ import json
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, NamedTuple, Sequence
 
 import torch
 from loguru import logger
@@ -85,6 +85,16 @@ class ChatReply:
     def message(self) -> dict[str, Any]:
         """The assistant message to append to ``messages`` for the next turn."""
         return {"role": "assistant", "content": self.parts}
+
+
+class ChatPlans(NamedTuple):
+    """Decoder rows for chat replies: ``prefix`` is forced before the reply (``draw="always"``: the image block's
+    opening), ``grid`` is the image grid (None when the reply cannot draw), ``cfg_scale`` the guidance in force."""
+
+    plans: list[RowPlan]
+    prefix: list[int]
+    grid: tuple[int, int] | None
+    cfg_scale: float
 
 
 # ------------------------------------------------------------------------------------------ images in
@@ -206,10 +216,7 @@ class UniInfer:
         if num_images < 1 or not prompts:
             raise ValueError(f"need at least one prompt and num_images >= 1, got {len(prompts)}, {num_images}")
         grid = self.pipe.resolve_grid(grid)
-        builder = self.pipe.builder
-        uncond = builder.t2i_prompt_ids(None, grid) if cfg_scale != 1.0 else None
-        plans = [RowPlan(builder.t2i_prompt_ids(p, grid), seed + i, start_in_image=True, stop_after_image=True,
-                         uncond_prompt=uncond) for p in prompts for i in range(num_images)]
+        plans = self.t2i_plans(prompts, num_images, seed=seed, grid=grid, cfg_scale=cfg_scale)
         decoder = self.decoder(grid)
         n = len(self.pipe.levels(grid))
         step = batch_size or len(plans)
@@ -237,6 +244,33 @@ class UniInfer:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
         single = bool(messages) and isinstance(messages[0], dict)
         conversations = [messages] if single else list(messages)
+        prompts = [self.prompt_ids(conv, f"messages[{c}]") for c, conv in enumerate(conversations)]
+        planned = self.chat_plans(prompts, draw=draw, seed=seed, cfg_scale=cfg_scale, grid=grid)
+        decoder = self.decoder(planned.grid) if planned.grid is not None else ConstrainedDecoder(
+            self.pipe.model, self.pipe.code_vocab, [0], [], self.stop_ids, self.pad_id)
+        outs = decoder.run(planned.plans, text_sampling, image_sampling, planned.cfg_scale, max_new_tokens)
+        replies = [self.reply_from_ids(planned.prefix + out, planned.grid, seed + c) for c, out in enumerate(outs)]
+        return replies[0] if single else replies
+
+    __call__ = chat
+
+    # --------------------------------------------------------------- rows for a decoder (also the server's)
+    def t2i_plans(self, prompts: Sequence[str | None], num_images: int = 1, *, seed: int = 0,
+                  grid: tuple[int, int] | None = None, cfg_scale: float = DEFAULT_CFG_SCALE) -> list[RowPlan]:
+        """Decoder rows for text-to-image: ``num_images`` per prompt, image ``i`` seeded ``seed + i``, each with
+        the unconditional twin when ``cfg_scale != 1``. ``generate_images`` and the HTTP server build rows here."""
+        grid = self.pipe.resolve_grid(grid)
+        builder = self.pipe.builder
+        uncond = builder.t2i_prompt_ids(None, grid) if cfg_scale != 1.0 else None
+        return [RowPlan(builder.t2i_prompt_ids(p, grid), seed + i, start_in_image=True, stop_after_image=True,
+                        uncond_prompt=uncond) for p in prompts for i in range(num_images)]
+
+    def chat_plans(self, prompts: Sequence[list[int]], *, draw: Draw = "never", seed: int = 0,
+                   cfg_scale: float = DEFAULT_CFG_SCALE, grid: tuple[int, int] | None = None) -> "ChatPlans":
+        """Decoder rows for replies to rendered conversations (``prompt_ids``), row ``c`` seeded ``seed + c``;
+        ``draw`` as in :meth:`chat`. ``chat`` and the HTTP server build rows here."""
+        if draw not in ("never", "auto", "always"):
+            raise ValueError(f"draw={draw!r} must be never, auto or always")
         builder, vocab = self.pipe.builder, self.pipe.code_vocab
         grid = self.pipe.resolve_grid(grid) if draw != "never" else None
         prefix = [vocab.vision_start_id] + builder.size_tag_ids_for(grid) if draw == "always" else []
@@ -244,17 +278,11 @@ class UniInfer:
         if draw != "never" and cfg_scale != 1.0:
             full = builder.t2i_prompt_ids(None, grid)
             twin = full if draw == "always" else full[: len(full) - 1 - len(builder.size_tag_ids_for(grid))]
-        plans = [RowPlan(self.prompt_ids(conv, f"messages[{c}]") + prefix, seed + c, start_in_image=draw == "always",
-                         allow_draw=draw != "never", uncond_prompt=twin) for c, conv in enumerate(conversations)]
-        decoder = self.decoder(grid) if grid is not None else ConstrainedDecoder(
-            self.pipe.model, vocab, [0], [], self.stop_ids, self.pad_id)
-        outs = decoder.run(plans, text_sampling, image_sampling, cfg_scale if twin else 1.0, max_new_tokens)
-        replies = [self._reply(prefix + out, grid, seed + c) for c, out in enumerate(outs)]
-        return replies[0] if single else replies
+        plans = [RowPlan(list(p) + prefix, seed + c, start_in_image=draw == "always", allow_draw=draw != "never",
+                         uncond_prompt=twin) for c, p in enumerate(prompts)]
+        return ChatPlans(plans, prefix, grid, cfg_scale if twin else 1.0)
 
-    __call__ = chat
-
-    def _reply(self, ids: list[int], grid: tuple[int, int] | None, seed: int) -> ChatReply:
+    def reply_from_ids(self, ids: list[int], grid: tuple[int, int] | None, seed: int) -> ChatReply:
         """Split generated ids into text parts and image parts (complete blocks decode to pictures)."""
         vocab, tok = self.pipe.code_vocab, self.pipe.tokenizer
         parts: list[dict[str, Any]] = []

@@ -1,6 +1,9 @@
-"""Tiny model configs and documents shared by the tests/test_model_*.py files (built in code, no files)."""
+"""Tiny model configs and documents shared by the tests/test_model_*.py files (built in code, no files), and a tiny
+saved checkpoint for the inference tests (tests/test_uni_infer.py, test_scheduler.py, test_api_server.py)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -83,3 +86,35 @@ def pack(docs: list[list[int]]) -> dict[str, torch.Tensor]:
         "max_length_q": max(lengths),
         "max_length_k": max(lengths),
     }
+
+
+def make_checkpoint(root: Path, kind: str) -> Path:
+    """A random tiny Uni-X (all_modal_visible=0) saved as training saves it, with a random image tokenizer."""
+    from modeling.vocab import CodeVocab
+    from modeling.vq.hqvae import HQVAE, HQVAEConfig
+    from modeling.vq.shapes_vq import ShapesVQ, ShapesVQConfig
+    from uni_arch.train.inference_spec import ImageTokenizerRef, InferenceSpec
+    from uni_arch.train.synthetic import write_tokenizer
+    from uni_arch.train.templates import SampleBuilder
+
+    torch.manual_seed(0)
+    if kind == "shapes":  # 16x16 px -> 4x4 codes of one 64-code level
+        vq = ShapesVQ(ShapesVQConfig(image_size=16, channels=(8, 16, 32), codebook_size=64, code_dim=8))
+    else:  # HQ-VAE: 8x8 px -> a 2x2 top grid, 20 interleaved codes [0, 1, 1, 1, 1] x 4 of two 16-code levels
+        vq = HQVAE(HQVAEConfig(resolution=8, base_channels=32, channel_multiplier=(1,), embed_dim=8,
+                               level_sizes=(16, 16)))
+    vq.save_pretrained(root / "vq")
+    tokenizer = write_tokenizer(root / "tokenizer")
+    vocab = CodeVocab.from_tokenizer(tokenizer, vq.level_sizes)
+    config = UniXConfig(
+        variant="uni_x", vision_encode_layers=1, vision_decode_layers=1, all_modal_visible=0, hidden_size=32,
+        intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=16,
+        image_offset=8, image_level_sizes=[8], vision_start_token_id=3, vision_end_token_id=4,
+        max_position_embeddings=512, tie_word_embeddings=False).with_vocab(vocab)
+    model = build_model(config)
+    ckpt = root / "ckpt"
+    model.save_pretrained(ckpt)
+    tokenizer.save_pretrained(ckpt)
+    ref = ImageTokenizerRef(kind, str(root / "vq"), vq.checkpoint_hash)
+    InferenceSpec.from_builder(SampleBuilder(tokenizer, vocab), ref, vq.native_grid).save(ckpt)
+    return ckpt

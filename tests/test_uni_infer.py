@@ -15,44 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-import modeling
 from evaluation.pipeline import load_pipeline
 from evaluation.sampling import IMAGE_DEFAULTS, TEXT_DEFAULTS, ConstrainedDecoder, RowPlan, SamplingSettings
 from evaluation.uni_infer import UniInfer, any_modal_chat_api
-from modeling.vocab import CodeVocab
-from modeling.vq.hqvae import HQVAE, HQVAEConfig
 from modeling.vq.shapes_vq import ShapesVQ, ShapesVQConfig
-from tests.model_fixtures import VISION_START, image_ids, text_ids, tiny_model
-from uni_arch.train.inference_spec import ImageTokenizerRef, InferenceSpec
-from uni_arch.train.synthetic import write_tokenizer
-from uni_arch.train.templates import SampleBuilder
+from tests.model_fixtures import VISION_START, image_ids, make_checkpoint, text_ids, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def make_checkpoint(root: Path, kind: str) -> Path:
-    """A random tiny Uni-X (all_modal_visible=0) saved as training saves it, with a random image tokenizer."""
-    torch.manual_seed(0)
-    if kind == "shapes":  # 16x16 px -> 4x4 codes of one 64-code level
-        vq = ShapesVQ(ShapesVQConfig(image_size=16, channels=(8, 16, 32), codebook_size=64, code_dim=8))
-    else:  # HQ-VAE: 8x8 px -> a 2x2 top grid, 20 interleaved codes [0, 1, 1, 1, 1] x 4 of two 16-code levels
-        vq = HQVAE(HQVAEConfig(resolution=8, base_channels=32, channel_multiplier=(1,), embed_dim=8,
-                               level_sizes=(16, 16)))
-    vq.save_pretrained(root / "vq")
-    tokenizer = write_tokenizer(root / "tokenizer")
-    vocab = CodeVocab.from_tokenizer(tokenizer, vq.level_sizes)
-    config = modeling.UniXConfig(
-        variant="uni_x", vision_encode_layers=1, vision_decode_layers=1, all_modal_visible=0, hidden_size=32,
-        intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=16,
-        image_offset=8, image_level_sizes=[8], vision_start_token_id=3, vision_end_token_id=4,
-        max_position_embeddings=512, tie_word_embeddings=False).with_vocab(vocab)
-    model = modeling.build_model(config)
-    ckpt = root / "ckpt"
-    model.save_pretrained(ckpt)
-    tokenizer.save_pretrained(ckpt)
-    ref = ImageTokenizerRef(kind, str(root / "vq"), vq.checkpoint_hash)
-    InferenceSpec.from_builder(SampleBuilder(tokenizer, vocab), ref, vq.native_grid).save(ckpt)
-    return ckpt
 
 
 @pytest.fixture(scope="module")
