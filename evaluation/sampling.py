@@ -120,7 +120,8 @@ class DecodeRow:
     """A conditional row in a :class:`DecodeBatch`: its state machine, its output and (optionally) its logits.
 
     ``finish`` is None while the row decodes, then ``"stop"`` (a stop id, or the image of a text-to-image row is
-    complete), ``"length"`` (out of ``max_new_tokens`` in text mode) or ``"cancelled"`` (removed by the caller).
+    complete), ``"length"`` (out of ``max_new_tokens`` in text mode), ``"cancelled"`` (removed by the caller) or
+    ``"error"`` (sampling it raised: ``error``).
     """
 
     plan: RowPlan
@@ -134,6 +135,7 @@ class DecodeRow:
     out: list[int] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)  # guided, constrained scores of every sampled step
     finish: str | None = None
+    error: BaseException | None = None  # why the row ended with finish="error"
 
     @property
     def has_twin(self) -> bool:
@@ -224,7 +226,9 @@ class ConstrainedDecoder:
         batch = self.new_batch(use_cache)
         rows = batch.add(plans, DecodeSettings(text, image, cfg_scale, max_new_tokens), keep_logits=return_logits)
         while batch.rows:
-            batch.step()
+            for r in batch.step():
+                if r.error is not None:
+                    raise r.error
         outs = [r.out for r in rows]
         return (outs, [r.logits for r in rows]) if return_logits else outs
 
@@ -410,17 +414,38 @@ class DecodeBatch:
                 s = r.settings.image if r.mode == IMAGE else r.settings.text
                 groups.setdefault((r.mode, s), []).append(i)
         for (_, settings), idx in groups.items():
-            allowed_NV = torch.stack([dec.allowed(self.rows[i]) for i in idx])
+            rows = [self.rows[i] for i in idx]
+            allowed_NV = torch.stack([dec.allowed(r) for r in rows])
             scores_NV = cond_RV[idx].masked_fill(~allowed_NV, float("-inf"))
-            for n, i in enumerate(idx):
-                if self.rows[i].keep_logits:
-                    self.rows[i].logits.append(scores_NV[n].cpu())
-            for i, tok in zip(idx, dec.sample(scores_NV, allowed_NV, settings, [self.rows[i] for i in idx])):
-                chosen[id(self.rows[i])] = tok
+            for n, r in enumerate(rows):
+                if r.keep_logits:
+                    r.logits.append(scores_NV[n].cpu())
+            for r, tok in zip(rows, self._sample_isolated(scores_NV, allowed_NV, settings, rows)):
+                if tok is not None:
+                    chosen[id(r)] = tok
         for r in self.rows:
             if id(r) in chosen:
                 dec.advance(r, chosen[id(r)])
         return chosen
+
+    def _sample_isolated(self, scores_NV, allowed_NV, settings: SamplingSettings,
+                         rows: list[DecodeRow]) -> list[int | None]:
+        """``decoder.sample`` for a group; when it raises (bad logits or settings of one request), each row is
+        sampled alone from its generator's state before the attempt, and only the rows that still fail end with
+        ``finish="error"`` (``row.error``), so one request's failure never ends the others'."""
+        states = [r.generator.get_state() for r in rows]
+        try:
+            return self.decoder.sample(scores_NV, allowed_NV, settings, rows)
+        except Exception:  # noqa: BLE001 - isolated per row below
+            picks: list[int | None] = []
+            for n, (r, state) in enumerate(zip(rows, states)):
+                r.generator.set_state(state)
+                try:
+                    picks += self.decoder.sample(scores_NV[n:n + 1], allowed_NV[n:n + 1], settings, [r])
+                except Exception as e:  # noqa: BLE001 - reported on the row, raised by run()
+                    r.mode, r.finish, r.error = DONE, "error", e
+                    picks.append(None)
+            return picks
 
     def _forward(self, next_B: list[int]) -> None:
         """Feed every slot its next token (twins: the row's vision tokens, else an ignored pad) and keep the logits."""
