@@ -95,6 +95,7 @@ ENV_VARS=" $(compgen -e | tr '\n' ' ') "   # what the caller set (it beats the p
 : "${VQ_GATE_DETECTOR_PCT=97}"                  # shapes detector's exact-match rate on VQ reconstructions, %
 : "${VQ_GATE_PSNR_DB=30}"                       # held-out reconstruction PSNR, dB
 : "${VQ_GATE_MIN_SCENES=1000}"                  # held-out scenes the figures must come from
+: "${VQ_GATE_BACKGROUND_PCT=90}"                # empty background encoded with its position's usual code, %
 
 # =====================================================================================================
 # 2. Execution (usually no changes needed below)
@@ -180,13 +181,19 @@ if [[ "$SETUP_SHAPES" == 1 ]]; then
     read -r -a VQ_EXTRA <<< "$VQ_EXTRA_ARGS"
     "$PY" data_process/train_vq.py train --out_dir "$VQ_DIR" --time_limit_s "$VQ_TIME_LIMIT_S" \
       --min_detector_pct "$VQ_GATE_DETECTOR_PCT" --min_psnr_db "$VQ_GATE_PSNR_DB" \
-      --min_gate_scenes "$VQ_GATE_MIN_SCENES" ${VQ_EXTRA[@]+"${VQ_EXTRA[@]}"}
+      --min_gate_scenes "$VQ_GATE_MIN_SCENES" --min_background_pct "$VQ_GATE_BACKGROUND_PCT" ${VQ_EXTRA[@]+"${VQ_EXTRA[@]}"}
   fi
   # The gate, also for a tokenizer left by an earlier run: stop here rather than encode or train on a bad one.
   echo "--- checking the VQ tokenizer's quality gate ($VQ_DIR) ---"
   "$PY" data_process/train_vq.py check_gate --out_dir "$VQ_DIR" --min_detector_pct "$VQ_GATE_DETECTOR_PCT" \
-    --min_psnr_db "$VQ_GATE_PSNR_DB" --min_scenes "$VQ_GATE_MIN_SCENES" \
+    --min_psnr_db "$VQ_GATE_PSNR_DB" --min_scenes "$VQ_GATE_MIN_SCENES" --min_background_pct "$VQ_GATE_BACKGROUND_PCT" \
     || { echo "train.sh: stopped at the VQ quality gate (message above); nothing was encoded or trained" >&2; exit 1; }
+  if [[ -f "$SHAPES_CODES_DIR/manifest.json" ]]; then  # records of another VQ would train on meaningless codes
+    "$PY" -c 'import json, sys; from modeling.vq.shapes_vq import ShapesVQ
+have = json.load(open(sys.argv[1] + "/manifest.json"))["tokenizer"]["id"]; want = ShapesVQ.from_checkpoint(sys.argv[2]).tokenizer_id
+sys.exit(0 if have == want else f"train.sh: {sys.argv[1]} was encoded with {have}, but {sys.argv[2]} is {want}: delete {sys.argv[1]} and rerun")' \
+      "$SHAPES_CODES_DIR" "$VQ_DIR" || exit 1
+  fi
   if [[ ! -f "$SHAPES_CODES_DIR/manifest.json" ]]; then
     echo "--- encoding the shapes world into code-ID records ($SHAPES_CODES_DIR) ---"
     "$PY" data_process/encode_images.py --data_config "$SHAPES_DIR/data_config.yaml" --out_dir "$SHAPES_CODES_DIR" \

@@ -206,13 +206,14 @@ class UniInfer:
         return self.pipe.builder.chat_prompt_ids(turns, images)
 
     # ------------------------------------------------------------------------------ text-to-image
-    def generate_images(self, prompts: str | Sequence[str], num_images: int = 1, *, seed: int = 0,
+    def generate_images(self, prompts: str | None | Sequence[str | None], num_images: int = 1, *, seed: int = 0,
                         grid: tuple[int, int] | None = None, cfg_scale: float = DEFAULT_CFG_SCALE,
                         sampling: SamplingSettings = IMAGE_DEFAULTS, batch_size: int | None = None,
                         use_cache: bool = True) -> list[list[GeneratedImage]]:
         """``num_images`` images per prompt (image ``i`` seeded ``seed + i``), ``batch_size`` samples per forward
-        (default: all at once; each sample adds a CFG twin row). Returns one list per prompt."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        (default: all at once; each sample adds a CFG twin row). A prompt of None is the unconditional prompt (the
+        CFG twin's; guidance leaves it unchanged). Returns one list per prompt."""
+        prompts = [prompts] if prompts is None or isinstance(prompts, str) else list(prompts)
         if num_images < 1 or not prompts:
             raise ValueError(f"need at least one prompt and num_images >= 1, got {len(prompts)}, {num_images}")
         grid = self.pipe.resolve_grid(grid)

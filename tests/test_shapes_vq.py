@@ -393,7 +393,7 @@ def _write_metrics(out, **metrics):
 
 
 def test_check_gate_passes_fails_and_refuses_folders_without_gate_figures(tmp_path):
-    good = dict(detector_exact_pct=98.5, psnr_db=36.0, num_eval_images=1000)
+    good = dict(detector_exact_pct=98.5, psnr_db=36.0, num_eval_images=1000, background_consistency_pct=99.0)
     _write_metrics(tmp_path / "good", **good)
     assert tv.check_gate(str(tmp_path / "good")) == good
     low = {**good, "detector_exact_pct": 96.0, "detector_failure_causes": {"wrong shape": 9}}
@@ -412,6 +412,9 @@ def test_check_gate_passes_fails_and_refuses_folders_without_gate_figures(tmp_pa
         _write_metrics(tmp_path / "few", **{**good, "num_eval_images": 300})
         tv.check_gate(str(tmp_path / "few"))
     assert tv.check_gate(str(tmp_path / "few"), min_scenes=300)["num_eval_images"] == 300  # the explicit knob
+    with pytest.raises(tv.GateFailed, match=r"background consistency 15\.7% < 90\.0%.*not drawable"):
+        _write_metrics(tmp_path / "nonlocal", **{**good, "background_consistency_pct": 15.7})
+        tv.check_gate(str(tmp_path / "nonlocal"))
     _write_metrics(tmp_path / "old", psnr_db=35.5, usage_pct=100.0)  # metrics.json of the train_vq before the gate
     with pytest.raises(tv.GateFailed, match="no gate figures"):
         tv.check_gate(str(tmp_path / "old"))
@@ -419,3 +422,46 @@ def test_check_gate_passes_fails_and_refuses_folders_without_gate_figures(tmp_pa
         tv.check_gate(str(tmp_path / "nowhere"))
     with pytest.raises(tv.GateFailed, match=r"lower VQ_GATE_DETECTOR_PCT"):
         tv.check_gate(str(tmp_path / "low"), min_detector_pct=99.0)
+
+
+# ---------------------------------------------------------------------------------------------- locality
+@pytest.mark.parametrize("norm, local", [("channel", True), ("group", False)])
+def test_codes_depend_only_on_their_receptive_field_with_the_channel_norm(norm, local):
+    """An object in the top-left corner must not move the encoder output of the far bottom-right position: with
+    GroupNorm (statistics over the whole grid) it does, which made the background's codes unlearnable."""
+    torch.manual_seed(0)
+    model = ShapesVQ(ShapesVQConfig(**TINY, norm=norm)).eval()
+    with torch.no_grad():  # the residual blocks' last convs start at zero: give them weights so the norms matter
+        for block in list(model.encoder.res):
+            block.conv2.weight.normal_(0, 0.1)
+    empty = torch.full((1, 3, 32, 32), -0.2)
+    busy = empty.clone()
+    busy[:, 0, 2:8, 2:8] = 0.9  # a red-ish square, far outside the receptive field of grid cell (7, 7)
+    with torch.no_grad():
+        z_empty, z_busy = model.encoder(empty), model.encoder(busy)
+    far = (z_empty[..., 7, 7] - z_busy[..., 7, 7]).abs().max().item()
+    near = (z_empty[..., 1, 1] - z_busy[..., 1, 1]).abs().max().item()
+    assert near > 1e-3  # the object is seen where it is
+    assert (far < 1e-6) == local, far
+
+
+def test_configs_saved_before_the_norm_field_load_as_groupnorm():
+    saved = ShapesVQConfig(**TINY).to_dict()
+    assert saved["norm"] == "channel" and ShapesVQConfig.from_dict(saved).norm == "channel"
+    legacy = {k: v for k, v in saved.items() if k != "norm"}
+    assert ShapesVQConfig.from_dict(legacy).norm == "group"
+    with pytest.raises(ValueError, match="norm must be one of"):
+        ShapesVQConfig(**TINY, norm="batch")
+
+
+def test_background_consistency_counts_each_position_s_most_common_empty_code():
+    gray = torch.full((2, 3, 8, 8), 150, dtype=torch.uint8)
+    gray[0, :, 0, 0] = torch.tensor([255, 0, 0], dtype=torch.uint8)  # one object pixel in image 0, patch 0
+    empty = tv.empty_positions(gray, (2, 2), margin_px=0)
+    assert empty.tolist() == [[False, True, True, True], [True, True, True, True]]
+    grown = tv.empty_positions(gray, (2, 2), margin_px=4)  # the grown windows of all four patches reach (0, 0)
+    assert grown.tolist() == [[False] * 4, [True] * 4]
+    codes = torch.tensor([[5, 1, 1, 2], [9, 1, 3, 2]])
+    pct, n = tv.background_consistency(codes, empty)
+    assert n == 7 and pct == pytest.approx(100.0 * 6 / 7)  # modal counts per position: 1 + 2 + 1 + 2
+    assert tv.background_consistency(codes, torch.zeros_like(empty)) == (100.0, 0)
