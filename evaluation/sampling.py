@@ -99,6 +99,7 @@ class RowPlan:
     allow_draw: bool = False  # text mode may sample <|vision_start|>
     stop_after_image: bool = False  # text-to-image: done after the last code (no <|vision_end|> needed)
     uncond_prompt: list[int] | None = None  # CFG twin's prompt (ends with <|vision_start|> [tag] iff start_in_image)
+    ignore_eos: bool = False  # a stop id does not end the row (fixed-length replies for benchmarks and tests)
 
 
 @dataclass(frozen=True)
@@ -270,7 +271,7 @@ class ConstrainedDecoder:
         elif r.mode == TEXT and not r.forced and tok == self.vocab.vision_start_id:
             r.mode, r.pos = IMAGE, 0
             r.forced = list(self.size_tag)
-        elif r.mode == TEXT and not r.forced and tok in self.stop_ids:
+        elif r.mode == TEXT and not r.forced and tok in self.stop_ids and not r.plan.ignore_eos:
             r.mode, r.finish = DONE, "stop"
 
 

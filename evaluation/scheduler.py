@@ -132,12 +132,20 @@ class Ticket:
             if isinstance(event, (Done, Failed)):
                 return
 
-    async def aevents(self) -> AsyncIterator[Event]:
-        """The events of a ticket submitted with a loop, until ``Done`` or ``Failed``."""
+    async def next_event(self, timeout: float | None = None) -> Event | None:
+        """The next event of a ticket submitted with a loop, or None after ``timeout`` seconds (nothing is lost:
+        the server polls for a disconnected client between waits)."""
         if self._loop is None:
             raise TypeError("this ticket was submitted without an event loop: use ticket.events()")
+        try:
+            return await asyncio.wait_for(self._events.get(), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+    async def aevents(self) -> AsyncIterator[Event]:
+        """The events of a ticket submitted with a loop, until ``Done`` or ``Failed``."""
         while True:
-            event = await self._events.get()
+            event = await self.next_event()
             yield event
             if isinstance(event, (Done, Failed)):
                 return
@@ -195,6 +203,7 @@ class Scheduler:
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0  # decoding steps run (for tests and /health)
+        self.cancelled = 0  # requests dropped by their caller while decoding (a client that disconnected)
 
     # ------------------------------------------------------------------------------- lifecycle
     def start(self) -> "Scheduler":
@@ -333,6 +342,7 @@ class Scheduler:
         for t in self._active:
             if t.cancelled:
                 self._batch.remove(t.rows, "cancelled")
+                self.cancelled += 1
                 changed.append(t)
                 continue
             ends = [t.rows[i] for i in t._take_end_requests() if 0 <= i < len(t.rows)]
