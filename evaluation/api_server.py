@@ -37,8 +37,8 @@ Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions``, `
 
 Requests are decoded by :class:`evaluation.scheduler.Scheduler` (continuous batching: requests join and leave the
 running batch between decoding steps; a disconnected client's rows are freed). Prompts are rendered by the training
-renderer through :class:`evaluation.uni_infer.UniInfer`. ``bench_server`` measures throughput against a real server
-process (used by ``tools/bench.py generate``).
+renderer through :class:`evaluation.uni_infer.UniInfer`. ``tools/bench_server.py`` runs it as a subprocess and
+measures its throughput.
 """
 
 from __future__ import annotations
@@ -50,12 +50,9 @@ import io
 import json
 import os
 import secrets
-import socket
-import subprocess
 import sys
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Sequence
@@ -98,11 +95,13 @@ class OpenAIError(Exception):
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
         self.headers = headers or {}
 
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
     def response(self):
         from fastapi.responses import JSONResponse
 
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def _validation_error(e: ValidationError) -> OpenAIError:
@@ -727,7 +726,7 @@ async def _sse(events, head: dict, include_usage: bool, ticket: Ticket):
                 yield chunk([{"index": sample, "delta": {"content": content}, "logprobs": None,
                               "finish_reason": None}])
     except OpenAIError as e:
-        yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'param': e.param, 'code': e.code}})}\n\n"
+        yield f"data: {json.dumps(e.body())}\n\n"  # the status line is sent already: the error is an event
     finally:
         ticket.cancel()
     yield "data: [DONE]\n\n"
@@ -764,130 +763,6 @@ def serve(checkpoint: str, port: int = 8000, host: str = "127.0.0.1", api_key: s
                 f"API key {'on' if key else 'off'})")
     uvicorn.run(create_app(service), host=host, port=int(port), log_level=log_level.lower(),
                 timeout_graceful_shutdown=5)
-
-
-# ------------------------------------------------------------------------- a server process + load
-def free_port() -> int:
-    """A loopback TCP port nobody listens on now (uvicorn's CLI cannot report the port it got for port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """``python evaluation/api_server.py`` in a subprocess on a free loopback port; waits for /health."""
-
-    def __init__(self, checkpoint: str | Path, timeout_s: float = 120.0, env: dict[str, str] | None = None,
-                 wait: bool = True, **flags: Any):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--checkpoint", str(checkpoint), "--port",
-               str(self.port), "--log_level", "warning"]
-        for k, v in flags.items():
-            cmd += [f"--{k}", str(v)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, **(env or {})})
-        if wait:
-            self.wait(timeout_s)
-
-    def wait(self, timeout_s: float = 120.0) -> "ServerProcess":
-        """Block until /health answers 200 (several servers can start in parallel with ``wait=False``)."""
-        import httpx
-
-        deadline = time.time() + timeout_s
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.proc.stdout.read()[-5000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.close()
-        raise TimeoutError(f"the server did not answer /health within {timeout_s} s")
-
-    def close(self) -> str:
-        """Stop the server; returns its output."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.stdout.read() if self.proc.stdout else ""
-
-    def __enter__(self) -> "ServerProcess":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def run_load(url: str, requests: Sequence[tuple[str, dict[str, Any]]], clients: int, api_key: str | None = None,
-             timeout_s: float = 300.0) -> dict[str, Any]:
-    """POST ``requests`` (path, json) from ``clients`` threads; returns every answer (status, headers, json) and
-    wall time, p50/p95 latency and requests/s."""
-    import httpx
-
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-
-    def one(item):
-        path, body = item
-        with httpx.Client(timeout=timeout_s) as client:
-            t0 = time.perf_counter()
-            r = client.post(url + path, json=body, headers=headers)
-            return r.status_code, dict(r.headers), r.json(), time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        answers = list(pool.map(one, requests))
-    wall = time.perf_counter() - t0
-    lat = sorted(a[3] for a in answers)
-    pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]  # noqa: E731
-    return {"answers": answers, "requests": len(answers), "clients": clients, "wall_s": wall,
-            "p50_s": pick(0.5), "p95_s": pick(0.95), "requests_per_s": len(answers) / wall}
-
-
-def bench_server(checkpoint: str | Path, clients: Sequence[int] = (1, 16), requests: int = 48, kind: str = "images",
-                 max_tokens: int = 16, max_batch_rows: int = 64, threads: int | None = None) -> dict[str, Any]:
-    """Throughput of a real server process with ``clients`` concurrent clients each (``tools/bench.py generate``).
-
-    ``kind="images"``: ``requests`` single-image generations (CFG, the checkpoint's grid); image tokens/s counts
-    the codes returned. ``kind="chat"``: text chats of ``max_tokens``. Returns per client count: wall time,
-    requests/s, p50/p95 latency, image tokens/s (images), and the speed-up of the largest count over the smallest.
-    """
-    env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
-    flags = dict(max_batch_rows=max_batch_rows, max_queue=max(64, requests))
-    if threads:
-        flags["threads"] = threads
-    out: dict[str, Any] = {"checkpoint": str(checkpoint), "kind": kind, "requests": requests}
-    with ServerProcess(checkpoint, env=env, **flags) as server:
-        for c in clients:
-            if kind == "images":
-                items = [("/v1/images/generations", {"prompt": f"a photo of a red circle {i}", "seed": i})
-                         for i in range(requests)]
-            else:
-                items = [("/v1/chat/completions", {"model": Path(checkpoint).resolve().name, "seed": i,
-                                                   "max_tokens": max_tokens,
-                                                   "messages": [{"role": "user", "content": f"hello {i}"}]})
-                         for i in range(requests)]
-            run_load(server.url, items[:1], 1)  # warm-up
-            load = run_load(server.url, items, c)
-            bad = [a[0] for a in load.pop("answers") if a[0] != 200]
-            if bad:
-                raise RuntimeError(f"{len(bad)} of {requests} requests failed: {bad[:5]}")
-            if kind == "images":
-                import httpx
-
-                codes = httpx.get(server.url + "/health").json()["codes_per_image"]
-                load["image_tokens_per_s"] = requests * codes / load["wall_s"]
-            out[f"clients_{c}"] = load
-    lo, hi = f"clients_{min(clients)}", f"clients_{max(clients)}"
-    out["speedup"] = out[hi]["requests_per_s"] / out[lo]["requests_per_s"]
-    logger.info(f"bench_server: {json.dumps(out, indent=1)}")
-    return out
 
 
 if __name__ == "__main__":

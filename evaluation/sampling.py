@@ -208,7 +208,8 @@ class ConstrainedDecoder:
             if not p.prompt or (p.uncond_prompt is not None and not p.uncond_prompt):
                 raise ValueError(f"row {i}: empty prompt")
             if settings.cfg_scale != 1.0 and p.uncond_prompt is None:
-                raise ValueError(f"cfg_scale={settings.cfg_scale} needs an uncond_prompt on every row (row {i} has none)")
+                raise ValueError(f"cfg_scale={settings.cfg_scale} needs an uncond_prompt on every row (row {i} has "
+                                 f"none)")
             n = max(len(p.prompt), len(p.uncond_prompt or []))
             # an image started at the last step is still finished: the budget grows by at most one image block
             longest = n + settings.max_new_tokens + block * p.allow_draw

@@ -17,9 +17,10 @@ import pytest
 from loguru import logger
 from PIL import Image
 
-from evaluation.api_server import ReplyAssembler, ServerOptions, Service, ServerProcess, create_app, run_load
+from evaluation.api_server import ReplyAssembler, ServerOptions, Service, create_app
 from evaluation.uni_infer import UniInfer, any_modal_chat_api
 from tests.model_fixtures import make_checkpoint
+from tools.bench_server import ServerProcess, run_load
 
 openai = pytest.importorskip("openai")
 
@@ -295,6 +296,7 @@ def test_load_200_requests_from_16_clients(setup):
             content = _messages(red) if i % 3 == 1 else [{"role": "user", "content": f"hello {i}"}]
             items.append(("/v1/chat/completions", {"model": NAME, "messages": content, "max_tokens": 8, "seed": i,
                                                    "n": 1 + i % 2}))
+    steps_before = httpx.get(setup.main.url + "/health").json()["steps"]
     load = run_load(setup.main.url, items, clients=16, api_key=KEY)
     for (path, _), answer in zip(items, load["answers"]):
         _well_formed(path, answer)
@@ -302,6 +304,10 @@ def test_load_200_requests_from_16_clients(setup):
                 f"p50 {load['p50_s']:.3f} s, p95 {load['p95_s']:.3f} s, {load['requests_per_s']:.1f} req/s")
     health = httpx.get(setup.main.url + "/health")
     assert health.status_code == 200 and health.json()["active_rows"] == 0
+    # requests shared forward passes: far fewer decoding steps than tokens decoded
+    tokens = sum(a[2]["usage"]["completion_tokens"] if p.endswith("completions") else 16
+                 for (p, _), a in zip(items, load["answers"]))
+    assert health.json()["steps"] - steps_before < tokens / 3
 
 
 def test_a_full_queue_answers_503_with_retry_after(setup):
