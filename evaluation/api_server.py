@@ -618,15 +618,19 @@ def _failure(error: BaseException, param: str) -> OpenAIError:
                        None, "internal_error", "server_error")
 
 
-async def _watched(ticket: Ticket, request):
-    """The ticket's events; a client that disconnects cancels it (its rows are freed at the next step)."""
+async def _watched(ticket: Ticket, request, every_s: float = 0.25):
+    """The ticket's events; a client that disconnects cancels it (its rows are freed at the next step). Checked
+    every ``every_s`` by the clock, not only when no event comes: a decoding request sends one per step."""
     try:
+        checked = time.monotonic()
         while True:
-            event = await ticket.next_event(timeout=0.5)
-            if event is None:
+            event = await ticket.next_event(timeout=every_s)
+            if time.monotonic() - checked >= every_s:
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     ticket.cancel()
                     return
+            if event is None:
                 continue
             yield event
             if isinstance(event, (Done, Failed)):

@@ -68,11 +68,11 @@ def infer(setup) -> UniInfer:
     return any_modal_chat_api(setup.ckpt)
 
 
-def _post(setup, path: str, body=None, *, content: bytes | None = None, headers=None, key: str | None = KEY,
-          url=None) -> httpx.Response:
-    h = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
+def _post(setup, path: str, body=None, *, content: bytes | None = None, key: str | None = KEY,
+          timeout: float = 120) -> httpx.Response:
+    h = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     data = content if content is not None else json.dumps(body).encode()
-    return httpx.post((url or setup.main.url) + path, content=data, headers=h, timeout=120)
+    return httpx.post(setup.main.url + path, content=data, headers=h, timeout=timeout)
 
 
 def _assert_error(r: httpx.Response, status: int, code: str | None = None, param: str | None = None) -> dict:
@@ -256,21 +256,31 @@ def test_routes_methods_and_chunked_bodies(setup):
     assert httpx.get(setup.main.url + "/health").status_code == 200
 
 
+def _wait_cancelled(setup, want: int) -> dict:
+    deadline, health = time.time() + 20, {}
+    while time.time() < deadline:
+        health = httpx.get(setup.main.url + "/health").json()
+        if health["cancelled"] >= want and health["active_rows"] == 0:
+            break
+        time.sleep(0.05)
+    return health
+
+
 def test_a_disconnected_client_frees_its_rows(setup):
+    """Streamed and not: a client that hangs up mid-reply cancels its request (480 tokens would take seconds)."""
     before = httpx.get(setup.main.url + "/health").json()["cancelled"]
-    body = {"model": NAME, "messages": [{"role": "user", "content": "go on"}], "max_tokens": 400,
+    body = {"model": NAME, "messages": [{"role": "user", "content": "go on"}], "max_tokens": 480,
             "ignore_eos": True, "stream": True}
     with httpx.stream("POST", setup.main.url + "/v1/chat/completions", json=body, timeout=60,
                       headers={"Authorization": f"Bearer {KEY}"}) as r:
         first = next(line for line in r.iter_lines() if line)
         assert first.startswith("data: {")
-    deadline, health = time.time() + 20, {}
-    while time.time() < deadline:
-        health = httpx.get(setup.main.url + "/health").json()
-        if health["cancelled"] > before and health["active_rows"] == 0:
-            break
-        time.sleep(0.05)
+    health = _wait_cancelled(setup, before + 1)
     assert health["cancelled"] == before + 1 and health["active_rows"] == 0
+    with pytest.raises(httpx.ReadTimeout):
+        _post(setup, "/v1/chat/completions", {**body, "stream": False}, timeout=0.3)
+    health = _wait_cancelled(setup, before + 2)
+    assert health["cancelled"] == before + 2 and health["active_rows"] == 0
 
 
 # ------------------------------------------------------------------------------------------------ load
