@@ -138,7 +138,7 @@ def test_streaming_equals_the_non_streamed_reply(setup):
 
 def test_stop_strings_cut_the_decoded_text(setup):
     kw = dict(model=NAME, messages=[{"role": "user", "content": "say something long"}], max_tokens=24, seed=2,
-              extra_body={"ignore_eos": True})
+              temperature=1, top_p=1, extra_body={"ignore_eos": True})  # JSON ints where floats are expected
     full = setup.client.chat.completions.create(**kw).choices[0].message.content
     stop = full[6:9]
     assert len(stop) == 3 and full.find(stop) >= 0
