@@ -17,6 +17,9 @@ forward raises; requests admitted together are then prefilled one by one to find
 on its rows) fails alone and the others go on. Only an exception in the shared decoding forward, which cannot be
 attributed, fails every request in the batch; the worker then starts a fresh batch and keeps serving.
 
+Measured (``tools/bench_server.py``, the default shapes checkpoint, one CPU thread): 16 concurrent clients get 5.8x
+the image tokens/s of one client (705 against 121), 3.1x the requests/s for 32-token chats.
+
 A request's output does not depend on what else is in the batch (each row has its own generator, padding is masked):
 ``tests/test_scheduler.py`` checks tokens and logits against decoding alone while other requests join and leave.
 Events reach a thread-safe ``queue.Queue``, or an ``asyncio.Queue`` through ``loop.call_soon_threadsafe`` when the
@@ -203,7 +206,7 @@ class Scheduler:
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0  # decoding steps run (for tests and /health)
-        self.cancelled = 0  # requests dropped by their caller while decoding (a client that disconnected)
+        self.cancelled = 0  # requests dropped by their caller, waiting or decoding (a client that disconnected)
 
     # ------------------------------------------------------------------------------- lifecycle
     def start(self) -> "Scheduler":
@@ -299,7 +302,8 @@ class Scheduler:
             ticket = self._next_waiting(block=not self._batch.rows and not admitted)
             if ticket is None:
                 break
-            if ticket.cancelled:
+            if ticket.cancelled:  # its client left while it waited
+                self.cancelled += 1
                 ticket._emit(Done())
                 continue
             if ticket.job.batch_rows > room:

@@ -208,3 +208,13 @@ def test_events_of_a_closed_scheduler_fail_the_waiting_requests(infer, decoder):
     assert isinstance(next(ticket.events(timeout=5)), Failed)
     with pytest.raises(RuntimeError, match="closed"):
         scheduler.submit(Job(_chat(infer, "hi", seed=0), TEXT))
+
+
+def test_a_request_cancelled_while_waiting_never_runs(infer, decoder):
+    scheduler = Scheduler(decoder, max_batch_rows=4)
+    gone, kept = (scheduler.submit(Job(_chat(infer, "hi", seed=s), TEXT)) for s in (0, 1))
+    gone.cancel()
+    with scheduler:
+        assert [type(e) for e in gone.events(timeout=60)] == [Done]  # no tokens: it never took a row
+        assert [ids for ids, _ in kept.result(timeout=60)] == _alone(decoder, Job(_chat(infer, "hi", seed=1), TEXT))
+    assert scheduler.cancelled == 1
