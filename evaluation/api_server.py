@@ -11,7 +11,8 @@ and talk to it with the official client::
     reply = client.chat.completions.create(model="shapes-tiny-uni-x", messages=[...], max_tokens=64, seed=0)
     image = client.images.generate(model="shapes-tiny-uni-x", prompt="a photo of a red circle", size="64x64")
 
-Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/images/generations``.
+Endpoints: ``GET /health``, ``GET /v1/models`` (and ``/v1/models/{name}``), ``POST /v1/chat/completions``,
+``POST /v1/images/generations``.
 
 * **Chat**: OpenAI's schema (``messages`` with ``text`` and ``image_url`` parts; ``max_tokens`` /
   ``max_completion_tokens``, ``temperature``, ``top_p``, ``seed`` (sample ``i`` of ``n`` uses ``seed + i``),
@@ -322,7 +323,7 @@ class Service:
             raise OpenAIError(400, f"{param}: local image paths are refused by this server (start it with "
                                    f"--allowed_image_dir to allow a folder); send a data: URL", param,
                               "invalid_image_url")
-        path = Path(url.removeprefix("file://")).expanduser()
+        path = Path(url.removeprefix("file://"))
         path = (root / path if not path.is_absolute() else path).resolve()
         if not path.is_relative_to(root.resolve()):
             raise OpenAIError(400, f"{param}: {url} is outside the allowed image folder", param, "invalid_image_url")
@@ -508,6 +509,7 @@ def create_app(service: Service):
     from starlette.exceptions import HTTPException
 
     options = service.options
+    model_card = {"id": options.model_name, "object": "model", "created": service.created, "owned_by": "uni-x"}
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -568,8 +570,14 @@ def create_app(service: Service):
 
     @openai_errors
     async def models(request: Request):
-        return JSONResponse({"object": "list", "data": [{"id": options.model_name, "object": "model",
-                                                         "created": service.created, "owned_by": "uni-x"}]})
+        return JSONResponse({"object": "list", "data": [model_card]})
+
+    @openai_errors
+    async def model(request: Request):
+        if request.path_params["name"] != options.model_name:
+            raise OpenAIError(404, f"model {request.path_params['name']!r} is not served here; this server serves "
+                                   f"{options.model_name!r}", "model", "model_not_found")
+        return JSONResponse(model_card)
 
     @openai_errors
     async def chat(request: Request):
@@ -605,6 +613,7 @@ def create_app(service: Service):
         return JSONResponse({"created": int(time.time()), "data": data})
 
     app.add_api_route("/v1/models", models, methods=["GET"])
+    app.add_api_route("/v1/models/{name}", model, methods=["GET"])
     app.add_api_route("/v1/chat/completions", chat, methods=["POST"])
     app.add_api_route("/v1/images/generations", images, methods=["POST"])
     return app

@@ -94,6 +94,9 @@ def _messages(url: str, text: str = "What colour is the shape?"):
 # ----------------------------------------------------------------------------------- the openai client
 def test_models_and_health(setup):
     assert [m.id for m in setup.client.models.list().data] == [NAME]
+    assert setup.client.models.retrieve(NAME).id == NAME
+    with pytest.raises(openai.NotFoundError):
+        setup.client.models.retrieve("gpt-4o")
     health = httpx.get(setup.main.url + "/health").json()
     assert health["status"] == "ok" and health["sizes"] == ["16x16"] and health["codes_per_image"] == 16
 
