@@ -499,7 +499,10 @@ def _parse(model: type[BaseModel], obj: dict[str, Any]):
 
 
 def create_app(service: Service):
-    """The FastAPI app; starts the scheduler on start-up and stops it on shut-down."""
+    """The FastAPI app; starts the scheduler on start-up and stops it on shut-down.
+
+    Long because the routes and handlers are short closures over ``service`` (no module-level app or state); the
+    work is in ``Service`` and the module-level helpers they call."""
     import contextlib
 
     from fastapi import FastAPI, Request
@@ -751,7 +754,23 @@ def serve(checkpoint: str, port: int = 8000, host: str = "127.0.0.1", api_key: s
           max_body_bytes: int = 16 * 2**20, max_image_pixels: int = 4096 * 4096, max_n: int = 16,
           served_model_name: str | None = None, device: str | None = None, dtype: str | None = None,
           threads: int | None = None, log_level: str = "info") -> None:
-    """Serve ``checkpoint`` until interrupted (module docstring). The API key may also come from $UNI_X_API_KEY."""
+    """Serve ``checkpoint`` over the OpenAI API until interrupted (module docstring).
+
+    Args:
+        checkpoint: a checkpoint folder saved by this toolkit (``uni_x_inference.json`` or ``run_args.json``).
+        port, host: where to listen; loopback by default (another host logs a warning).
+        api_key: required as ``Authorization: Bearer <key>`` when set (default: ``$UNI_X_API_KEY``, else none).
+        allowed_image_dir: a folder whose files requests may name as local image paths (none by default).
+        max_queue: requests waiting for a batch slot; one more gets 503 with ``Retry-After``.
+        max_batch_rows: rows decoded together (a CFG image takes two); bounds memory and latency.
+        max_body_bytes: larger request bodies get 413.
+        max_image_pixels: larger input images get 400 (also Pillow's decompression-bomb limit).
+        max_n: the largest ``n`` a request may ask for.
+        served_model_name: the model id clients send (default: the checkpoint folder's name).
+        device, dtype: where and in what precision to load the model (default cpu, float32).
+        threads: torch intra-op threads for the decoding worker (default: torch's).
+        log_level: loguru and uvicorn level.
+    """
     import uvicorn
     from PIL import Image
 
