@@ -118,3 +118,16 @@ def make_checkpoint(root: Path, kind: str) -> Path:
     ref = ImageTokenizerRef(kind, str(root / "vq"), vq.checkpoint_hash)
     InferenceSpec.from_builder(SampleBuilder(tokenizer, vocab), ref, vq.native_grid).save(ckpt)
     return ckpt
+
+
+class Biased(torch.nn.Module):
+    """The model with ``bias`` added to the logits of ``ids``: makes a random model want specific tokens."""
+
+    def __init__(self, model, ids, bias: float):
+        super().__init__()
+        self.inner, self.config, self.ids, self.bias = model, model.config, list(ids), bias
+
+    def forward(self, **kwargs):
+        out = self.inner(**kwargs)
+        out.logits[..., self.ids] += self.bias
+        return out

@@ -14,7 +14,7 @@ from evaluation.sampling import (IMAGE_DEFAULTS, TEXT_DEFAULTS, ConstrainedDecod
                                  SamplingSettings)
 from evaluation.scheduler import Done, Failed, Job, QueueFull, SampleEnd, Scheduler, Tokens
 from evaluation.uni_infer import UniInfer, any_modal_chat_api
-from tests.model_fixtures import make_checkpoint
+from tests.model_fixtures import Biased, make_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +46,23 @@ TEXT = DecodeSettings(TEXT_DEFAULTS, IMAGE_DEFAULTS, 1.0, 14)
 HOT = SamplingSettings(temperature=1.5)
 
 
-@pytest.mark.parametrize("kind", ["text_chat", "cfg_image"])
+@pytest.mark.parametrize("kind", ["text_chat", "cfg_image", "cfg_chat_two_images"])
 def test_a_request_decodes_the_same_while_others_join_and_leave(infer, decoder, kind):
     """Row A alone vs A joining a running batch (longer and shorter prompts, CFG twins, other settings), with a row
-    cancelled, a row finishing and a row joining while A decodes: same tokens, logits within 1e-5."""
+    cancelled, a row finishing and a row joining while A decodes: same tokens, logits within 1e-5. The third kind
+    is a chat reply drawing two images (a model biased to <|vision_start|>): its twin forgets the first image while
+    left-padded inside the merged batch."""
     if kind == "text_chat":
         plan_a, set_a = _chat(infer, "what colour is the circle?", seed=5), TEXT
-    else:
+    elif kind == "cfg_image":
         plan_a = infer.t2i_plans(["a photo of a red circle"], 1, seed=5, cfg_scale=3.0)
         set_a = DecodeSettings(TEXT_DEFAULTS, IMAGE_DEFAULTS, 3.0, 16)
+    else:
+        vocab = infer.pipe.code_vocab
+        decoder = ConstrainedDecoder(Biased(infer.pipe.model, [vocab.vision_start_id], 30.0), vocab,
+                                     decoder.levels, decoder.size_tag, [], infer.pad_id)
+        plan_a = _chat(infer, "two pictures please", seed=5, draw="auto", cfg=2.0)
+        set_a = DecodeSettings(TEXT_DEFAULTS, IMAGE_DEFAULTS, 2.0, 36)
     (want,), (want_logits,) = decoder.run(plan_a, set_a.text, set_a.image, set_a.cfg_scale, set_a.max_new_tokens,
                                           return_logits=True)
 
@@ -72,10 +80,12 @@ def test_a_request_decodes_the_same_while_others_join_and_leave(infer, decoder, 
     batch.remove([first[0]])  # a client disconnected
     assert first[0].finish == "cancelled" and first[0] not in batch.rows
     batch.step()
-    late = batch.add(_chat(infer, "hi", seed=3), DecodeSettings(HOT, IMAGE_DEFAULTS, 1.0, 30))
+    late = batch.add(_chat(infer, "hi", seed=3), DecodeSettings(HOT, IMAGE_DEFAULTS, 1.0, 60))
     while row_a.finish is None:
         batch.step()
     assert row_a.out == want
+    if kind == "cfg_chat_two_images":
+        assert want.count(infer.pipe.code_vocab.vision_end_id) == 2
     assert _close(row_a.logits, want_logits) < 1e-5
     assert late[0].finish is None and len(batch) >= 1  # the others are still decoding
     while batch.rows:

@@ -19,7 +19,7 @@ from evaluation.pipeline import load_pipeline
 from evaluation.sampling import IMAGE_DEFAULTS, TEXT_DEFAULTS, ConstrainedDecoder, RowPlan, SamplingSettings
 from evaluation.uni_infer import UniInfer, any_modal_chat_api
 from modeling.vq.shapes_vq import ShapesVQ, ShapesVQConfig
-from tests.model_fixtures import VISION_START, image_ids, make_checkpoint, text_ids, tiny_model
+from tests.model_fixtures import VISION_START, Biased, image_ids, make_checkpoint, text_ids, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,19 +32,6 @@ def infer(tmp_path_factory) -> UniInfer:
 @pytest.fixture(scope="module")
 def hq_infer(tmp_path_factory) -> UniInfer:
     return any_modal_chat_api(make_checkpoint(tmp_path_factory.mktemp("hq"), "hqvae"))
-
-
-class Biased(torch.nn.Module):
-    """The model with ``bias`` added to the logits of ``ids``: makes a random model want specific tokens."""
-
-    def __init__(self, model, ids, bias: float):
-        super().__init__()
-        self.inner, self.config, self.ids, self.bias = model, model.config, list(ids), bias
-
-    def forward(self, **kwargs):
-        out = self.inner(**kwargs)
-        out.logits[..., self.ids] += self.bias
-        return out
 
 
 def _png_data_url(colour=(255, 0, 0), size=16) -> str:
