@@ -41,7 +41,11 @@ DEFAULT_MIN_SCORE = 0.5
 
 @dataclass(frozen=True)
 class Detection:
-    """One detected object; ``box`` as in :class:`~data_process.shapes.scene.ShapeObject`, ``score`` = template IoU."""
+    """One detected object; ``box`` as in :class:`~data_process.shapes.scene.ShapeObject`, ``score`` = template IoU.
+
+    The GenEval rules read ``shape`` as the class name, so other detectors reuse them with any class names and
+    float boxes (``evaluation/benchmarks/geneval.py``: COCO classes from Mask2Former, ``color`` from CLIP or ""
+    where no rule asks for it)."""
 
     shape: str
     color: str
