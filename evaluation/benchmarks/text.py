@@ -11,10 +11,10 @@ lm-eval task type (``multiple_choice``, ``loglikelihood``, ``loglikelihood_rolli
 Tasks: the default run uses the local YAML tasks in ``evaluation/tasks/`` (``DEFAULT_TASKS``: ``shapes_facts``,
 36 multiple-choice completions of facts the shapes world's text corpus states, so the embedded default checkpoint
 has something to know; measured on ``outputs/shapes-tiny-uni-x`` after ``bash train.sh``: acc 0.306, acc_norm
-0.333, chance 0.26, in 2 s on one thread), because machines may be offline. lm-eval resolves a relative ``data_files`` path against
-the *current directory*; ``run_text`` resolves those of the tasks under ``include_path`` against the YAML's own
-folder (and hands lm-eval the resolved config), so the toolkit runs from any directory. The reference list is one
-override away when the Hub's datasets are reachable (or cached)::
+0.333, chance 0.26, in 2 s on one thread), because machines may be offline. lm-eval resolves a relative
+``data_files`` path against the *current directory*; ``run_text`` resolves those of the tasks under ``include_path``
+against the YAML's own folder (and hands lm-eval the resolved config), so the toolkit runs from any directory.
+The reference list is one override away when the Hub's datasets are reachable (or cached)::
 
     run_text(model, tokenizer, code_vocab, tasks=REFERENCE_TASKS, out_dir=...)   # mmlu, arc_*, boolq, winogrande
 
