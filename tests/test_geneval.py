@@ -284,10 +284,37 @@ class Spy:
         return self.scorer(image, meta)
 
 
-def test_transformers_scorer_end_to_end_and_resume(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> tuple[Path, Path]:
+    return build_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+def test_color_crops_are_masked_grey_and_prompts_are_the_official_templates(tiny_models):
+    scorer = ge.GenEvalScorer.from_paths(*tiny_models, device="cpu")
+    seen_images, seen_texts = [], []
+    image_processor, tokenizer = scorer.clip_processor, scorer.tokenizer
+    scorer.clip_processor = lambda images, **kw: seen_images.extend(images) or image_processor(images=images, **kw)
+    scorer.tokenizer = lambda texts, **kw: seen_texts.extend(texts) or tokenizer(texts, **kw)
+    image = Image.fromarray(np.full((20, 30, 3), 200, dtype=np.uint8))
+    mask = np.zeros((20, 30), dtype=bool)
+    mask[5:10, 10:14] = True
+    mask[9, 18] = True  # the box is the mask's extent: x 10..19, y 5..10
+    colors = scorer.classify_colors(image, "dog", [Instance("dog", (10.0, 5.0, 19.0, 10.0), 0.9, mask)])
+    assert len(colors) == 1 and colors[0] in ge.COLORS
+    crop = np.asarray(seen_images[0])
+    assert crop.shape == (5, 9, 3)
+    assert (crop[mask[5:10, 10:19]] == 200).all() and (crop[~mask[5:10, 10:19]] == 0x99).all()
+    assert len(seen_texts) == 30 and seen_texts[:3] == [
+        "a photo of a red dog", "a photo of a red-colored dog", "a photo of a red object"]
+    assert seen_texts[-1] == "a photo of a white object"
+    scorer.classify_colors(image, "dog", [Instance("dog", (10.0, 5.0, 19.0, 10.0), 0.9, mask)])
+    assert len(seen_texts) == 30  # the text side is computed once per class
+
+
+def test_transformers_scorer_end_to_end_and_resume(tmp_path, tiny_models):
     from modeling.vq.base import file_hash
 
-    det_dir, clip_dir = build_tiny_models(tmp_path / "models")
+    det_dir, clip_dir = tiny_models
     scorer = ge.GenEvalScorer.from_paths(det_dir, clip_dir, device="cpu")
     assert scorer.labels == ["person", "dog", "cat", "computer mouse"]
     person = {**DOG, "include": [{"class": "person", "count": 1}], "prompt": "a photo of a person"}

@@ -144,13 +144,6 @@ def load_questions(csv_path: str | os.PathLike) -> dict[str, list[Question]]:
     return out
 
 
-def check_items(prompts: dict[str, str], questions: dict[str, list[Question]], csv_path: str = "the csv") -> None:
-    """Every prompt must have questions (a prompt without any cannot be scored)."""
-    lost = [k for k in prompts if k not in questions]
-    if lost:
-        raise DPGDataError(f"{csv_path}: no questions for {len(lost)} prompts, e.g. {lost[:5]}; wrong csv?")
-
-
 # ---------------------------------------------------------------------------------------------- generation
 def grid_path(out_dir: str | os.PathLike, item_id: str) -> Path:
     return Path(out_dir) / "images" / f"{item_id}.png"

@@ -8,7 +8,7 @@ this module runs the same rules on transformers' own classes, loaded from local 
   Mask2Former instance head: top ``num_queries`` (query, class) pairs, score = class probability x mean mask
   probability inside the mask, masks free to overlap. Boxes are the masks' extents. One small difference: HF
   thresholds the mask at 384x384 and resizes it (nearest) to the image, mmdet resizes the logits first; a box can
-  move by a pixel or two;
+  move by a pixel or two. (HF's post-processing assumes the unpadded input is square, as generated images are);
 * colour: ``CLIPModel`` (ViT-L/14 in real use) zero-shot over GenEval's ten colours with its three prompt templates
   averaged per colour (clip_benchmark's classifier), on each object's crop with everything outside its mask painted
   ``#999`` grey (the official ``bgcolor``); ``CLIPImageProcessorPil`` is open_clip's OpenAI transform (bicubic
@@ -359,7 +359,8 @@ class GenEvalScorer:
                 "color_templates": list(COLOR_TEMPLATES), "colors": list(COLORS), "device": str(self.device)}
 
     def detect(self, image: Image.Image) -> list[Instance]:
-        """All instance candidates (no threshold: the rules apply it, per tag) with full-image masks."""
+        """Instance candidates with full-image masks, down to the lowest threshold any tag uses (the rules apply the
+        exact, strict, per-tag one): the processor builds one full-size mask per kept query, 100 of them at 0."""
         import torch
 
         image = image.convert("RGB")
@@ -367,7 +368,8 @@ class GenEvalScorer:
         with torch.inference_mode():
             outputs = self.detector(**inputs)
         result = self.detector_processor.post_process_instance_segmentation(
-            outputs, threshold=0.0, target_sizes=[image.size[::-1]], return_binary_maps=True)[0]
+            outputs, threshold=min(self.rules.threshold, self.rules.counting_threshold),
+            target_sizes=[image.size[::-1]], return_binary_maps=True)[0]
         out = []
         for k, info in enumerate(result["segments_info"]):
             mask_HW = result["segmentation"][k].bool().cpu().numpy()
