@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
+from loguru import logger
+
 RecordType = Literal["text", "image_text", "t2i", "i2t", "conversation", "edit", "interleaved"]
 RECORD_TYPES: tuple[str, ...] = ("text", "image_text", "t2i", "i2t", "conversation", "edit", "interleaved")
 IMAGE_PLACEHOLDER = "<image>"
@@ -259,3 +261,30 @@ def atomic_write_text(path: str | os.PathLike, text: str, durable: bool = False)
     """Write a small file (manifest, json result) atomically; ``durable``: see :func:`atomic_path`."""
     with atomic_path(path, durable) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def read_jsonl_log(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Records of an append-only jsonl log (results, cached answers). A torn last line (a run killed mid-write) is
+    cut off the file so appends start on a fresh line; a bad line elsewhere is an error naming it."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        logger.warning(f"{path}: dropping a torn last line ({len(data) - cut} bytes) left by an interrupted run")
+        with path.open("r+b") as f:
+            f.truncate(cut)
+        data = data[:cut]
+    out = []
+    for lineno, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: malformed json ({e.msg}); fix or delete the line") from e
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        out.append(rec)
+    return out

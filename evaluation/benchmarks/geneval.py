@@ -49,7 +49,7 @@ from loguru import logger
 from PIL import Image
 from tqdm import tqdm
 
-from data_process.schema import atomic_write_text, iter_jsonl
+from data_process.schema import atomic_write_text, iter_jsonl, read_jsonl_log
 from data_process.shapes.detect import Detection, evaluate_geneval
 from data_process.shapes.geometry import COLORS, GENEVAL_POSITION_THRESHOLD
 
@@ -416,33 +416,6 @@ class GenEvalScorer:
 
 
 # ------------------------------------------------------------------------------------------ results files
-def read_jsonl_log(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Records of an append-only jsonl log (results, cached answers). A torn last line (a run killed mid-write) is
-    cut off the file so appends start on a fresh line; a bad line elsewhere is an error naming it."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
-        logger.warning(f"{path}: dropping a torn last line ({len(data) - cut} bytes) left by an interrupted run")
-        with path.open("r+b") as f:
-            f.truncate(cut)
-        data = data[:cut]
-    out = []
-    for lineno, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: malformed json ({e.msg}); fix or delete the line") from e
-        if not isinstance(rec, dict):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-        out.append(rec)
-    return out
-
-
 def append_jsonl(f: Any, record: dict[str, Any]) -> None:
     """One line in one write, flushed and fsynced: a kill loses at most this line, which the reader then drops."""
     f.write(json.dumps(record, ensure_ascii=False) + "\n")

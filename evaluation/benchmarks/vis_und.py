@@ -45,6 +45,8 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 from loguru import logger
 from tqdm import tqdm
 
+from data_process.schema import read_jsonl_log
+
 Benchmark = Literal["mme", "pope", "mmbench"]
 AnswerKind = Literal["yes_no", "choice"]
 AskFn = Callable[[Any, str, "dict[str, str] | None"], str]
@@ -407,25 +409,13 @@ def image_data_url(image: Any) -> str:
 
 
 def _read_answers(path: Path) -> dict[str, str]:
-    """Replies already on disk, by ``str(index)``. A torn last line (a run killed mid-write) is cut off the file so
-    that appends start on a fresh line; a bad line elsewhere is an error naming it."""
-    if not path.exists():
-        return {}
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
-        logger.warning(f"{path}: dropping a torn last line ({len(data) - cut} bytes) left by an interrupted run")
-        with path.open("r+b") as f:
-            f.truncate(cut)
-        data = data[:cut]
+    """Replies already on disk, by ``str(index)`` (a torn last line is cut off: ``read_jsonl_log``)."""
     out = {}
-    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
+    for n, rec in enumerate(read_jsonl_log(path), 1):
         try:
-            rec = json.loads(line)
             out[str(rec["index"])] = str(rec["prediction"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}:{n}: not an answer record ({type(e).__name__}: {e}); fix or delete the line"
-                             ) from e
+        except KeyError as e:
+            raise ValueError(f"{path}: record {n}: not an answer record (no {e}); fix or delete the line") from e
     return out
 
 
