@@ -6,6 +6,7 @@ sentences, GenEval-format metadata (training and held-out) and a deterministic d
 GenEval's rules. The code lives in :mod:`data_process.shapes`; this module re-exports it and holds the CLI::
 
     python data_process/shapes_world.py build --out_dir data/shapes --num_images 4000 --seed 0 --image_size 64
+    python data_process/shapes_world.py build --out_dir data/shapes_cs --heldout_pairs 4   # compositional split
     python data_process/shapes_world.py detector_accuracy --num_images 1000 --seed 12345
 
 ``build`` writes (every file atomically; re-running skips what is complete, so an interrupted build resumes)::
@@ -17,7 +18,12 @@ GenEval's rules. The code lives in :mod:`data_process.shapes`; this module re-ex
     geneval/evaluation_metadata.jsonl  held-out prompts in GenEval's layout (geneval_per_tag per tag)
     geneval/train_metadata.jsonl     the GenEval metadata of every training image (line i = image i, + id/image)
     data_config.yaml                 the encoder's data config for the three datasets above
-    world.json                       seed, image_size, num_images, palette, shapes, ... ("complete" once done)
+    world.json                       seed, image_size, num_images, palette, shapes, heldout_pairs, ...
+                                     ("complete" once done)
+
+``--heldout_pairs K`` (default 0) holds K (colour, shape) pairs, chosen by the seed, out of every training image,
+caption, VQA question and text line (``ShapesWorld``); ``world.json`` lists them, and the shapes benchmark
+(``evaluation/benchmarks/shapes.py``) reports prompts naming them apart from the others.
 
 Measured on 2 shared CPU cores (timings noisy): ``build`` of 4,000 64x64 images ~4 s; ``detect`` ~1.2 ms per image.
 Detector accuracy (exact multiset of (shape, colour) per image, ``detector_accuracy --num_images 1000 --seed
@@ -96,9 +102,10 @@ def _check_existing_world(path: Path, world: ShapesWorld, overwrite: bool) -> No
         old = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid json ({e.msg}); delete it or pass --overwrite") from e
-    for key in ("seed", "image_size", "supersample"):
-        if old.get(key) != getattr(world, key):
-            raise ValueError(f"{path}: {key}: the existing build has {old.get(key)!r}, this run {getattr(world, key)!r}; "
+    now = world.info()
+    for key in ("seed", "image_size", "supersample", "heldout_pairs"):
+        if old.get(key, [] if key == "heldout_pairs" else None) != now[key]:  # older files: no held-out pairs
+            raise ValueError(f"{path}: {key}: the existing build has {old.get(key)!r}, this run {now[key]!r}; "
                              "use another --out_dir or pass --overwrite")
 
 
@@ -117,7 +124,8 @@ def vqa_row(world: ShapesWorld, scene: Scene) -> dict[str, Any]:
 
 
 def build(out_dir: str = "data/shapes", num_images: int = 4000, seed: int = 0, image_size: int = 64,
-          num_text: int | None = None, geneval_per_tag: int = 50, overwrite: bool = False) -> dict[str, Any]:
+          num_text: int | None = None, geneval_per_tag: int = 50, overwrite: bool = False,
+          heldout_pairs: int = 0) -> dict[str, Any]:
     """Write the shapes-world dataset to ``out_dir`` (see the module docstring); returns what was written.
 
     Deterministic: the same arguments give byte-identical files. Resumable: existing images are kept (they are
@@ -126,7 +134,7 @@ def build(out_dir: str = "data/shapes", num_images: int = 4000, seed: int = 0, i
     if num_images < 1:
         raise ValueError(f"num_images: must be >= 1, got {num_images}")
     num_text = num_images // 2 if num_text is None else int(num_text)
-    world = ShapesWorld(seed=seed, image_size=image_size)
+    world = ShapesWorld(seed=seed, image_size=image_size, heldout_pairs=heldout_pairs)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     info_path = out / "world.json"

@@ -161,12 +161,14 @@ def _attribute_questions(scene: Scene) -> list[QA]:
     return qs
 
 
-def _existence_question(scene: Scene, rng: np.random.Generator) -> QA:
-    """Balanced yes/no: a present colour+shape, or an absent one (half of them one colour off a present one)."""
+def _existence_question(scene: Scene, rng: np.random.Generator, exclude_pairs: frozenset | tuple = ()) -> QA:
+    """Balanced yes/no: a present colour+shape, or an absent one (half of them one colour off a present one);
+    an absent pair is never one of ``exclude_pairs`` (the world's held-out pairs must not be named in training)."""
     if rng.random() < 0.5:
         o = scene.objects[int(rng.integers(len(scene.objects)))]
         return f"Is there {_noun_phrase(1, o.color, o.shape)}?", "yes"
-    absent = [(c, s) for s in SHAPES for c in COLORS if scene.count(shape=s, color=c) == 0]
+    absent = [(c, s) for s in SHAPES for c in COLORS
+              if scene.count(shape=s, color=c) == 0 and (c, s) not in exclude_pairs]
     near = [(c, s) for c, s in absent if scene.count(shape=s) > 0]
     pool = near if near and rng.random() < 0.5 else absent
     c, s = pool[int(rng.integers(len(pool)))]
@@ -191,15 +193,16 @@ def _position_questions(scene: Scene, rng: np.random.Generator) -> list[QA]:
     return qs
 
 
-def vqa(scene: Scene, rng: np.random.Generator) -> list[QA]:
+def vqa(scene: Scene, rng: np.random.Generator, exclude_pairs: frozenset | tuple = ()) -> list[QA]:
     """3 to 4 question/answer pairs for one multi-turn conversation: a count, an attribute (colour or shape), an
-    existence yes/no and, when two objects can be named unambiguously and their relation is clear, a position."""
+    existence yes/no and, when two objects can be named unambiguously and their relation is clear, a position.
+    ``exclude_pairs``: (colour, shape) pairs no question may name (the world's held-out pairs)."""
     pick = lambda items: items[int(rng.integers(len(items)))]  # noqa: E731 - local one-liner
     out = [pick(_count_questions(scene, rng))]
     attrs = _attribute_questions(scene)
     if attrs:
         out.append(pick(attrs))
-    out.append(_existence_question(scene, rng))
+    out.append(_existence_question(scene, rng, exclude_pairs))
     pos = _position_questions(scene, rng)
     if pos:
         out.append(pick(pos))

@@ -12,6 +12,12 @@ GenEval prompts, the text corpus and the per-image choices (caption, questions) 
 
 Rendering draws on a canvas ``supersample`` times larger and box-filters it down: antialiased edges (as a VQ
 decoder will produce) at ~0.3 ms per 64x64 image.
+
+Compositional split (``heldout_pairs=K``, default 0): K (colour, shape) pairs, chosen by the seed, never appear in
+training: a training scene or text sentence that would show or name one is re-drawn from the next generator of its
+item (``(seed, stream, index, attempt)``; attempt 0 is the plain generator, so every other item is the same as in
+the world without the split), and existence questions never ask about one. Held-out scenes (evaluation) keep every
+pair, so prompts that name a held-out pair measure generalisation to unseen combinations.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from data_process.shapes.geometry import (
 from data_process.shapes.scene import TAGS, Scene, ShapeObject
 
 # Seed streams: (seed, stream, ...) -> one independent generator per item.
-STREAM_TRAIN, STREAM_HELDOUT, STREAM_TEXT, STREAM_CAPTION, STREAM_VQA = 0, 1, 2, 3, 4
+STREAM_TRAIN, STREAM_HELDOUT, STREAM_TEXT, STREAM_CAPTION, STREAM_VQA, STREAM_PAIRS = 0, 1, 2, 3, 4, 5
+MAX_REDRAWS = 1000  # re-draws of one training item that shows a held-out pair (each has p <~ 0.5 of doing so)
 _MAX_SIDE_FRACTION = {1: 0.36, 2: 0.32, 3: 0.27, 4: 0.25}  # largest object side per object count, of image_size
 MIN_SIDE_FRACTION = 0.2
 MIN_SIDE_PX = 12  # below ~12 px a blurred diamond or triangle tip is gone and shapes stop being separable
@@ -41,20 +48,44 @@ class ShapesWorld:
     ``ShapesWorld(seed, image_size).scene(i)`` is a pure function of ``(seed, image_size, i)``.
     """
 
-    def __init__(self, seed: int = 0, image_size: int = 64, supersample: int = 4):
+    def __init__(self, seed: int = 0, image_size: int = 64, supersample: int = 4, heldout_pairs: int = 0):
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed: must be a non-negative integer, got {seed!r}")
         if not isinstance(image_size, (int, np.integer)) or image_size < 32:
             raise ValueError(f"image_size: must be an integer >= 32 (room for four objects), got {image_size!r}")
         if supersample < 1:
             raise ValueError(f"supersample: must be >= 1, got {supersample!r}")
+        n_pairs = len(COLORS) * len(SHAPES)
+        if not isinstance(heldout_pairs, (int, np.integer)) or not 0 <= heldout_pairs <= n_pairs // 2:
+            raise ValueError(f"heldout_pairs: must be an integer in [0, {n_pairs // 2}] (half of the {n_pairs} "
+                             f"(colour, shape) pairs), got {heldout_pairs!r}")
         self.seed, self.image_size, self.supersample = int(seed), int(image_size), int(supersample)
         self.min_side = max(MIN_SIDE_PX, round(MIN_SIDE_FRACTION * image_size))
         self.margin = max(2, round(0.05 * image_size))  # empty pixels between boxes
         self.border = max(1, image_size // 64)  # empty pixels along the image edge
+        self.unseen_pairs = self._choose_unseen_pairs(int(heldout_pairs))
 
     def __repr__(self) -> str:
-        return f"ShapesWorld(seed={self.seed}, image_size={self.image_size})"
+        held = f", heldout_pairs={len(self.unseen_pairs)}" if self.unseen_pairs else ""
+        return f"ShapesWorld(seed={self.seed}, image_size={self.image_size}{held})"
+
+    def _choose_unseen_pairs(self, k: int) -> tuple[tuple[str, str], ...]:
+        """``k`` (colour, shape) pairs drawn uniformly by the world's own generator, sorted (``world.json``
+        records them as ``heldout_pairs``)."""
+        if k == 0:
+            return ()
+        pairs = [(c, s) for s in SHAPES for c in COLORS]
+        picked = self.rng(STREAM_PAIRS).choice(len(pairs), size=k, replace=False)
+        return tuple(sorted(pairs[int(i)] for i in picked))
+
+    def shows_unseen(self, scene: Scene) -> bool:
+        """True when ``scene`` has an object of a held-out (colour, shape) pair."""
+        return bool(self.unseen_pairs) and any((o.color, o.shape) in self.unseen_pairs for o in scene.objects)
+
+    def names_unseen(self, text: str) -> bool:
+        """True when ``text`` names a held-out pair (``red circle`` / ``red circles``)."""
+        low = text.lower()
+        return any(f"{c} {s}" in low for c, s in self.unseen_pairs)  # "red circle" is a prefix of "red circles"
 
     def rng(self, stream: int, *keys: int) -> np.random.Generator:
         """The generator of one item; ``keys`` locate it inside its stream."""
@@ -65,8 +96,12 @@ class ShapesWorld:
         """Training scene ``index`` (its tag drawn uniformly from GenEval's six)."""
         if index < 0:
             raise ValueError(f"index: must be >= 0, got {index}")
-        rng = self.rng(STREAM_TRAIN, index)
-        return self.sample_scene(rng, TAGS[int(rng.integers(len(TAGS)))], index)
+        for attempt in range(MAX_REDRAWS):
+            rng = self.rng(STREAM_TRAIN, index, *((attempt,) if attempt else ()))
+            scene = self.sample_scene(rng, TAGS[int(rng.integers(len(TAGS)))], index)
+            if not self.shows_unseen(scene):
+                return scene
+        raise RuntimeError(f"training scene {index}: every re-draw shows a held-out pair {self.unseen_pairs}")
 
     def heldout_scene(self, tag: str, k: int) -> Scene:
         """The ``k``-th held-out scene of ``tag``: a separate stream, never one of the training scenes' draws."""
@@ -140,7 +175,7 @@ class ShapesWorld:
 
     def vqa(self, scene: Scene) -> list[tuple[str, str]]:
         """3-4 question/answer pairs (count, attribute, yes/no existence, position when clear)."""
-        return _text.vqa(scene, self.rng(STREAM_VQA, scene.index))
+        return _text.vqa(scene, self.rng(STREAM_VQA, scene.index), exclude_pairs=self.unseen_pairs)
 
     def geneval_metadata(self, scene: Scene) -> dict[str, Any]:
         return _text.geneval_metadata(scene)
@@ -149,9 +184,15 @@ class ShapesWorld:
         """``n`` plain sentences (items ``start .. start+n-1`` of the text stream)."""
         out = []
         for i in range(start, start + n):
-            rng = self.rng(STREAM_TEXT, i)
-            scene = self.sample_scene(rng, TAGS[int(rng.integers(len(TAGS)))], i)
-            out.append(_text.text_sentence(rng, scene))
+            for attempt in range(MAX_REDRAWS):
+                rng = self.rng(STREAM_TEXT, i, *((attempt,) if attempt else ()))
+                scene = self.sample_scene(rng, TAGS[int(rng.integers(len(TAGS)))], i)
+                sentence = _text.text_sentence(rng, scene)
+                if not (self.shows_unseen(scene) or self.names_unseen(sentence)):
+                    break
+            else:
+                raise RuntimeError(f"text item {i}: every re-draw names a held-out pair {self.unseen_pairs}")
+            out.append(sentence)
         return out
 
     def geneval_prompts(self, n_per_tag: int, split: str = "heldout") -> list[dict[str, Any]]:
@@ -179,7 +220,23 @@ class ShapesWorld:
         return {"seed": self.seed, "image_size": self.image_size, "supersample": self.supersample,
                 "palette": {c: list(PALETTE[c]) for c in COLORS}, "background": list(BACKGROUND),
                 "shapes": list(SHAPES), "relations": list(RELATIONS), "tags": list(TAGS),
-                "min_side": self.min_side, "margin": self.margin, "position_rule": "geneval(threshold=0.1)"}
+                "min_side": self.min_side, "margin": self.margin, "position_rule": "geneval(threshold=0.1)",
+                "heldout_pairs": [list(p) for p in self.unseen_pairs]}
+
+    @classmethod
+    def from_info(cls, info: dict[str, Any], where: str = "world.json") -> "ShapesWorld":
+        """The world a ``world.json`` describes (a file written before the split existed has no held-out pairs);
+        the recorded pairs must be the ones the seed draws, else the file is not this code's world."""
+        try:
+            world = cls(int(info["seed"]), int(info["image_size"]), int(info.get("supersample", 4)),
+                        len(info.get("heldout_pairs", [])))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{where}: not a shapes world description ({type(e).__name__}: {e})") from e
+        recorded = tuple(sorted(tuple(p) for p in info.get("heldout_pairs", [])))
+        if recorded != world.unseen_pairs:
+            raise ValueError(f"{where}: heldout_pairs: recorded {recorded} but seed {world.seed} draws "
+                             f"{world.unseen_pairs}")
+        return world
 
 
 __all__ = ["ShapesWorld", "STREAM_TRAIN", "STREAM_HELDOUT", "STREAM_TEXT", "SPLITS"]

@@ -191,15 +191,20 @@ GenerateFn = Callable[[list[str], int], list[list[Image.Image]]]
 
 
 def generate(generate_fn: GenerateFn, metadata: Sequence[dict[str, Any]], out_dir: str | os.PathLike,
-             n_samples: int = 4, batch_prompts: int = 8) -> list[int]:
+             n_samples: int = 4, batch_prompts: int = 8, indices: Sequence[int] | None = None) -> list[int]:
     """Draw ``n_samples`` images for every prompt not yet complete on disk, ``batch_prompts`` prompts per call of
     ``generate_fn(prompts, n) -> one list of n PIL images per prompt`` (model-agnostic: the orchestrator passes a
-    closure around ``UniInfer.generate_images``). Returns the indices written."""
+    closure around ``UniInfer.generate_images``). ``indices``: only these prompts (a subset for ``--limit``, or one
+    device's shard), still in the folders of their line in ``metadata``. Returns the indices written."""
     if n_samples < 1 or batch_prompts < 1:
         raise ValueError(f"n_samples and batch_prompts must be >= 1, got {n_samples=}, {batch_prompts=}")
     todo = missing_samples(out_dir, metadata, n_samples)
-    if len(todo) < len(metadata):
-        logger.info(f"geneval: {len(metadata) - len(todo)} of {len(metadata)} prompts already on disk in {out_dir}")
+    if indices is not None:
+        wanted = set(indices)
+        todo = [i for i in todo if i in wanted]
+    asked = len(metadata) if indices is None else len(set(indices))
+    if len(todo) < asked:
+        logger.info(f"geneval: {asked - len(todo)} of {asked} prompts already on disk in {out_dir}")
     with tqdm(total=len(todo), desc="geneval generate", unit="prompt") as bar:
         for start in range(0, len(todo), batch_prompts):
             chunk = todo[start:start + batch_prompts]

@@ -48,7 +48,7 @@ from tqdm import tqdm
 from data_process.schema import read_jsonl_log
 
 Benchmark = Literal["mme", "pope", "mmbench"]
-AnswerKind = Literal["yes_no", "choice"]
+AnswerKind = Literal["yes_no", "choice", "open"]
 AskFn = Callable[[Any, str, "dict[str, str] | None"], str]
 
 BENCHMARKS: tuple[str, ...] = ("mme", "pope", "mmbench")
@@ -77,9 +77,15 @@ class VQAItem:
     l2_category: str | None = None
     image_key: str = ""  # MME: the picture's name (image_path, else its content hash): its two questions share it
     extra: dict[str, str] = field(default_factory=dict)  # the file's other columns, kept for the samples file
+    # Other question sets (the shapes VQA): a short free-form answer ("open"), asked as exactly this text (the
+    # phrasing the model was trained on) instead of the benchmark's instruction.
+    answer_kind: AnswerKind | None = None
+    prompt_text: str | None = None
 
     @property
     def kind(self) -> AnswerKind:
+        if self.answer_kind is not None:
+            return self.answer_kind
         return "choice" if self.benchmark == "mmbench" else "yes_no"
 
     @property
@@ -90,7 +96,10 @@ class VQAItem:
     @property
     def prompt(self) -> str:
         """What the model is asked: MME/POPE's question with a yes/no instruction; MMBench's hint, question and
-        lettered options (LLaVA's MMBench instruction), so a reply of one letter is what a trained model gives."""
+        lettered options (LLaVA's MMBench instruction), so a reply of one letter is what a trained model gives.
+        ``prompt_text``, when set, is sent as it is."""
+        if self.prompt_text is not None:
+            return self.prompt_text
         if self.kind == "yes_no":
             q = self.question.strip()
             return q if "answer yes or no" in q.lower() else f"{q} Please answer yes or no."
@@ -234,8 +243,10 @@ def extract_answer(text: str | None, kind: AnswerKind, options: dict[str, str] |
             return words[0]
         has_yes, has_no = "yes" in words, "no" in words
         return "yes" if has_yes and not has_no else "no" if has_no and not has_yes else None
+    if kind == "open":  # a short answer compared as it is: lower case, words and numbers only ("Red." -> "red")
+        return " ".join(re.findall(r"[a-z0-9]+", text.lower())) or None
     if kind != "choice":
-        raise ValueError(f"extract_answer: unknown kind {kind!r}; known: yes_no, choice")
+        raise ValueError(f"extract_answer: unknown kind {kind!r}; known: yes_no, choice, open")
     letters = set(options or {})
     for pattern in (_BARE_LETTER, _ANSWER_IS, _LEADING_LETTER):
         m = pattern.search(text)
@@ -345,9 +356,11 @@ SCORERS: dict[str, Callable[[Sequence[Scored]], dict[str, Any]]] = {
     "mme": mme_scores, "pope": pope_scores, "mmbench": mmbench_scores}
 
 
-def score(items: Sequence[VQAItem], predictions: dict[str, str]) -> tuple[dict[str, Any], list[Scored]]:
+def score(items: Sequence[VQAItem], predictions: dict[str, str],
+          scorer: Callable[[Sequence[Scored]], dict[str, Any]] | None = None) -> tuple[dict[str, Any], list[Scored]]:
     """Extract every reply and score the benchmark of ``items`` (all of one benchmark); ``predictions`` is keyed by
-    ``str(index)``. Unreadable replies are logged (count and examples) and count wrong."""
+    ``str(index)``. Unreadable replies are logged (count and examples) and count wrong. ``scorer``: the metrics of
+    a question set outside ``SCORERS`` (default: the benchmark's own)."""
     benchmark = _one_benchmark(items)
     missing = [it.index for it in items if str(it.index) not in predictions]
     if missing:
@@ -358,7 +371,7 @@ def score(items: Sequence[VQAItem], predictions: dict[str, str]) -> tuple[dict[s
     if unread:
         examples = "; ".join(f"{s.item.index}: {s.prediction[:60]!r}" for s in unread[:5])
         logger.warning(f"{benchmark}: {len(unread)}/{len(scored)} replies give no answer (counted wrong): {examples}")
-    metrics = SCORERS[benchmark](scored)
+    metrics = (scorer or SCORERS[benchmark])(scored)
     metrics["unreadable"] = len(unread)
     return metrics, scored
 
@@ -468,15 +481,16 @@ def ask_all(items: Sequence[VQAItem], ask_fn: AskFn, answers_path: Path, paralle
 
 
 def run_vqa(items: Sequence[VQAItem], ask_fn: AskFn, out_dir: str | Path, parallel: int = 8,
-            settings: dict[str, Any] | None = None) -> dict[str, Any]:
+            settings: dict[str, Any] | None = None,
+            scorer: Callable[[Sequence[Scored]], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Ask, extract, score one benchmark; writes ``answers.jsonl`` (resumable), ``samples.jsonl`` and
     ``results.json`` (metrics + ``settings``, e.g. the server, model, sampling and checkpoint hash) under
-    ``out_dir``, and returns the results."""
+    ``out_dir``, and returns the results. ``scorer``: as in :func:`score`."""
     benchmark = _one_benchmark(items)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     predictions = ask_all(items, ask_fn, out / "answers.jsonl", parallel)
-    metrics, scored = score(items, predictions)
+    metrics, scored = score(items, predictions, scorer)
     _write_jsonl_atomic(out / "samples.jsonl", (
         {"index": s.item.index, "category": s.item.category, "question": s.item.question, "answer": s.item.answer,
          "prediction": s.prediction, "extracted": s.extracted, "correct": s.correct, **s.item.extra}
@@ -493,4 +507,6 @@ def _headline(benchmark: str, m: dict[str, Any]) -> str:
         return f"perception {m['perception']:.1f}, cognition {m['cognition']:.1f}"
     if benchmark == "pope":
         return f"accuracy {m['overall']['accuracy']:.1f}, F1 {m['overall']['f1']:.1f}"
-    return f"circular {m['circular']:.1f} ({m['questions']} questions), vanilla {m['vanilla']:.1f}"
+    if benchmark == "mmbench":
+        return f"circular {m['circular']:.1f} ({m['questions']} questions), vanilla {m['vanilla']:.1f}"
+    return ", ".join(f"{k} {v:.1f}" for k, v in m.items() if isinstance(v, float))  # another question set
