@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import multiprocessing
@@ -70,7 +71,11 @@ def load_experiments(exp_file: str | None = None, only: str | Sequence[str] | No
         if not isinstance(raw, list):
             raise ExperimentError(f"{exp_file}: EXPERIMENTS: must be a list of dicts")
     if eval_type is not None:
-        overrides["eval_type"] = _names(eval_type)
+        overrides["eval_type"] = eval_type
+    lists = {f.name for f in dataclasses.fields(Experiment) if "list[" in str(f.type)}
+    for key in lists & set(overrides):  # --t2i_devices cuda:0,cuda:1 (fire gives a str or a tuple)
+        if isinstance(overrides[key], (str, tuple)):
+            overrides[key] = _names(overrides[key])
     return parse_experiments(raw, list(REGISTRY), overrides, _names(only))
 
 
@@ -169,6 +174,9 @@ def run_benchmark(name: str, exp: Experiment, out_root: Path, limit: int | None,
                 results = bench.score(urls)
         else:
             results = bench.score()
+    elif bench.kind == "vqa" and bench.pending() == 0:  # a rerun: score the answers on disk, start no server
+        logger.info(f"{exp.name} / {name}: every question is answered on disk; no server started")
+        results = bench.run([])
     elif bench.kind == "vqa":
         with servers(exp) as urls:
             results = bench.run(urls)

@@ -9,6 +9,7 @@ images scored and questions asked must add up to each item exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -104,7 +105,7 @@ def test_end_to_end_resumes_without_redoing_anything(setup, monkeypatch):
     from evaluation.uni_infer import UniInfer
     from modeling.vq.base import file_hash
 
-    counts = {"prompts": 0, "scored": 0, "asked": 0}
+    counts = {"prompts": 0, "scored": 0, "asked": 0, "servers": 0}
     stop_at = {"generate_calls": None, "scored": None}
     calls = {"generate": 0}
     real_generate, real_score, real_ask_fn = UniInfer.generate_images, shapes.ShapesScorer.__call__, \
@@ -131,6 +132,15 @@ def test_end_to_end_resumes_without_redoing_anything(setup, monkeypatch):
             return ask(*a, **k)
         return counted
 
+    real_servers = eval_template.servers
+
+    @contextlib.contextmanager
+    def servers(exp):
+        counts["servers"] += 1
+        with real_servers(exp) as urls:
+            yield urls
+
+    monkeypatch.setattr(eval_template, "servers", servers)
     monkeypatch.setattr(UniInfer, "generate_images", generate)
     monkeypatch.setattr(shapes.ShapesScorer, "__call__", score)
     monkeypatch.setattr(shapes, "conversation_ask_fn", ask_fn)
@@ -142,7 +152,7 @@ def test_end_to_end_resumes_without_redoing_anything(setup, monkeypatch):
     stop_at["generate_calls"] = 2
     with pytest.raises(Stop):
         eval_template.main(**run)
-    assert counts == {"prompts": 8, "scored": 0, "asked": 0}
+    assert counts == {"prompts": 8, "scored": 0, "asked": 0, "servers": 0}
     # 2. drawing finishes (only the 6 missing prompts), scoring is interrupted after 10 images
     stop_at.update(generate_calls=None, scored=10)
     with pytest.raises(Stop):
@@ -151,10 +161,10 @@ def test_end_to_end_resumes_without_redoing_anything(setup, monkeypatch):
     # 3. everything, with the VQA set and the text task (small subsets): nothing drawn again, the rest scored
     stop_at["scored"] = None
     eval_template.main(**{**run, "charts": True}, eval_type="shapes,shapes_vqa,text", limit=3)
-    assert counts["prompts"] == n_prompts and counts["scored"] == n_images and counts["asked"] == 3
-    # 4. a rerun draws, scores and asks nothing
+    assert counts == {"prompts": n_prompts, "scored": n_images, "asked": 3, "servers": 1}
+    # 4. a rerun draws, scores and asks nothing (and starts no server: every answer is on disk)
     eval_template.main(**run, eval_type="shapes,shapes_vqa,text", limit=3)
-    assert counts == {"prompts": n_prompts, "scored": n_images, "asked": 3}
+    assert counts == {"prompts": n_prompts, "scored": n_images, "asked": 3, "servers": 1}
 
     out = setup["out"] / "tiny"
     res = json.loads((out / "shapes" / "results.json").read_text())

@@ -11,7 +11,8 @@ orchestrator drives it:
 
 * ``t2i``: ``generate(infer, rank, world)`` draws this process's share of the images (one process per device,
   shard ``rank`` of ``world``; images on disk are skipped), then ``score()`` scores them;
-* ``vqa``: ``run(base_urls)`` asks its questions of the API servers the orchestrator started;
+* ``vqa``: ``pending()`` counts the questions without an answer on disk; ``run(base_urls)`` asks them of the API
+  servers the orchestrator started (none when nothing is pending) and scores;
 * ``text``: ``run(infer)`` runs lm-eval on the loaded model in process.
 
 ``score()`` and ``run()`` return the results they wrote to ``<out_dir>/results.json``, whose ``headline`` (metric

@@ -24,8 +24,22 @@ def server_ask_fn(base_urls: Sequence[str], model: str, max_tokens: int) -> Any:
     return round_robin([openai_ask_fn(url, model, max_tokens=max_tokens) for url in base_urls])
 
 
+def pending(items: Sequence[Any], answers_path: Path) -> int:
+    """How many ``items`` have no reply in ``answers_path`` yet (``vis_und.run_vqa``'s resumable answers file):
+    with none, the orchestrator starts no server."""
+    from data_process.schema import read_jsonl_log
+
+    done = {str(rec.get("index")) for rec in read_jsonl_log(answers_path)} if answers_path.is_file() else set()
+    return sum(str(it.index) not in done for it in items)
+
+
 def round_robin(asks: Sequence[Any]) -> Any:
-    """One ask function that hands successive calls to ``asks`` in turn (thread-safe)."""
+    """One ask function that hands successive calls to ``asks`` in turn (thread-safe). With no server at all (every
+    question already answered) it refuses to be called."""
+    if not asks:
+        def no_server(*args: Any, **kwargs: Any) -> str:
+            raise RuntimeError("no server was started: every question was answered on disk")
+        return no_server
     if len(asks) == 1:
         return asks[0]
     turn, lock = itertools.cycle(range(len(asks))), threading.Lock()
@@ -139,6 +153,9 @@ class VisUndBenchmark:
         self.exp, self.out, self.limit = experiment, Path(out_dir), limit
         self.items = {b: load_tsv(p, b)[:limit] if limit is not None else load_tsv(p, b)
                       for b, p in experiment.vis_und_data.items()}
+
+    def pending(self) -> int:
+        return sum(pending(items, self.out / bench / "answers.jsonl") for bench, items in self.items.items())
 
     def run(self, base_urls: Sequence[str]) -> dict[str, Any]:
         from evaluation.benchmarks.vis_und import run_vqa

@@ -315,6 +315,11 @@ class ShapesVQA:
         if limit is not None:
             self.items = self.items[:limit]
 
+    def pending(self) -> int:
+        from evaluation.benchmarks.runners import pending
+
+        return pending(self.items, self.out / "answers.jsonl")
+
     def run(self, base_urls: Sequence[str]) -> dict[str, Any]:
         from evaluation.benchmarks.runners import round_robin
         from evaluation.benchmarks.vis_und import run_vqa
