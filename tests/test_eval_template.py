@@ -204,3 +204,62 @@ def test_one_generating_process_per_device_draws_the_same_images(setup, tmp_path
     assert [p.relative_to(tmp_path / "two").as_posix() for p in two] == \
         [p.relative_to(tmp_path / "one").as_posix() for p in one]
     assert [p.read_bytes() for p in two] == [p.read_bytes() for p in one]
+
+
+def test_public_benchmarks_through_the_orchestrator(tmp_path):
+    """GenEval (tiny random Mask2Former + CLIP), DPG-Bench (judged by the experiment's own server, started and
+    stopped by the orchestrator) and POPE through the server, from the experiment's paths, with --limit."""
+    import base64
+    import csv
+    import io
+
+    from PIL import Image
+
+    from evaluation import eval_template
+    from modeling.vq.base import file_hash
+    from tests.test_dpg_bench import write_csv
+    from tests.test_geneval import build_tiny_models
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", "shapes")
+    det, clip = build_tiny_models(tmp_path / "models")
+    meta = tmp_path / "evaluation_metadata.jsonl"
+    lines = [{"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of a dog"},
+             {"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat"},
+             {"tag": "counting", "include": [{"class": "cat", "count": 2}], "exclude": [{"class": "cat", "count": 3}],
+              "prompt": "a photo of two cats"}]
+    meta.write_text("".join(json.dumps(m) + "\n" for m in lines))
+    prompts = tmp_path / "dpg_prompts"
+    prompts.mkdir()
+    (prompts / "1.txt").write_text("a red dog left of a cat")
+    (prompts / "2.txt").write_text("a tall tree")
+    questions = write_csv(tmp_path / "dpg_bench.csv")
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(buf, format="PNG")
+    pope = tmp_path / "POPE.tsv"
+    with pope.open("w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["index", "image", "question", "answer", "category"])
+        for i, (ans, split) in enumerate([("yes", "random"), ("no", "popular"), ("yes", "adversarial")]):
+            w.writerow([i, base64.b64encode(buf.getvalue()).decode(), "Is there a red square?", ans, split])
+    exp = {"name": "pub", "model_path": str(ckpt), "eval_type": ["geneval", "dpg_bench", "vis_und"],
+           "geneval_prompts_path": str(meta), "geneval_detector_path": str(det), "geneval_clip_path": str(clip),
+           "dpg_bench_prompts_path": str(prompts), "dpg_bench_questions_path": str(questions),
+           "vis_und_data": {"pope": str(pope)}, "n_samples": 1, "vis_und_threads": 1, "vis_und_max_tokens": 4}
+    exp_file = tmp_path / "exp.py"
+    exp_file.write_text(f"EXPERIMENTS = [{exp!r}]\n")
+    out = tmp_path / "eval"
+    eval_template.main(exp_file=str(exp_file), out_dir=str(out), limit=1, charts=False)
+
+    gen = json.loads((out / "pub" / "geneval" / "results.json").read_text())
+    assert gen["images"] == 2 and set(gen["tags"]) == {"single_object", "counting"}  # 1 prompt per tag
+    assert (out / "pub" / "geneval" / "00000" / "samples" / "0000.png").is_file()
+    assert not (out / "pub" / "geneval" / "00001").exists()  # the limit: line 2 is the second single_object
+    assert gen["settings"]["checkpoint_sha256"] == file_hash(ckpt / "model.safetensors")
+    assert gen["scorer"]["detector"]["weights_sha256"] and set(gen["headline"]) >= {"overall", "counting"}
+    dpg = json.loads((out / "pub" / "dpg_bench" / "results.json").read_text())
+    assert dpg["judge"]["base_url"].startswith("http://127.0.0.1:") and dpg["judge"]["model"] == "pub"
+    assert sorted(p.name for p in (out / "pub" / "dpg_bench" / "images").iterdir()) == ["1.png"]
+    vis = json.loads((out / "pub" / "vis_und" / "results.json").read_text())
+    assert set(vis["headline"]) == {"pope_accuracy", "pope_f1"} and vis["metrics"]["pope"]["overall"]["questions"] == 1
+    rows = (out / "summary.csv").read_text().splitlines()
+    assert {r.split(",")[1] for r in rows[1:]} == {"geneval", "dpg_bench", "vis_und"}
