@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -161,8 +162,13 @@ class Experiment:
                                           f"{TRAIN_HINT}")
         if types & {"shapes", "shapes_vqa"}:
             self._need("shapes_world", "the shapes world (its world.json)", "dir", f"; {TRAIN_HINT}")
-            if not (Path(self.shapes_world) / "world.json").is_file():
+            world_json = Path(self.shapes_world) / "world.json"
+            if not world_json.is_file():
                 raise self._err("shapes_world", f"{self.shapes_world} has no world.json; {TRAIN_HINT}")
+            if "shapes_vqa" in types and json.loads(world_json.read_text(encoding="utf-8")).get("seed") == \
+                    self.shapes_vqa_seed:
+                raise self._err("shapes_vqa_seed", f"{self.shapes_vqa_seed} is the seed of the training world "
+                                                   f"{world_json}: the VQA scenes must come from another world")
         if "geneval" in types:
             self._need("geneval_prompts_path", "GenEval's evaluation_metadata.jsonl")
             self._need("geneval_detector_path", "a Mask2Former COCO instance checkpoint folder", "dir")

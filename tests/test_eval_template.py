@@ -56,6 +56,13 @@ def test_missing_paths_name_the_experiment_and_the_key(tmp_path):
         parse_experiments([_exp(tmp_path, eval_type=["vis_und"], vis_und_data={"pope": "x.tsv"})], list(REGISTRY))
     with pytest.raises(ExperimentError, match=r"experiment 'e1': model_path: dir .* does not exist.*bash train.sh"):
         parse_experiments([_exp(tmp_path, model_path=str(tmp_path / "none"))], list(REGISTRY))
+    world = tmp_path / "world"
+    world.mkdir()
+    (world / "world.json").write_text(json.dumps({"seed": 1, "image_size": 32}))
+    with pytest.raises(ExperimentError, match=r"experiment 'e1': shapes_vqa_seed: 1 is the seed of the training"):
+        parse_experiments([_exp(tmp_path, eval_type=["shapes_vqa"], shapes_world=str(world))], list(REGISTRY))
+    with pytest.raises(ExperimentError, match=r"experiment 'e1': shapes_world: .* has no world.json.*bash train.sh"):
+        parse_experiments([_exp(tmp_path, eval_type=["shapes"], shapes_world=str(tmp_path))], list(REGISTRY))
     ok = parse_experiments([_exp(tmp_path)], list(REGISTRY), overrides={"cfg": 2.5})
     assert ok[0].cfg == 2.5 and ok[0].eval_type == ["text"]
 

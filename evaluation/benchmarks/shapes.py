@@ -306,10 +306,7 @@ class ShapesVQA:
 
     def __init__(self, experiment: Experiment, out_dir: str | Path, limit: int | None = None):
         self.exp, self.out, self.limit = experiment, Path(out_dir), limit
-        train_world = load_world(experiment.shapes_world)
-        if experiment.shapes_vqa_seed == train_world.seed:
-            raise ValueError(f"experiment {experiment.name!r}: shapes_vqa_seed: {experiment.shapes_vqa_seed} is the "
-                             f"training world's seed ({experiment.shapes_world}); pick another")
+        train_world = load_world(experiment.shapes_world)  # Experiment.validate checked that the seeds differ
         self.world = ShapesWorld(experiment.shapes_vqa_seed, train_world.image_size, train_world.supersample)
         self.items, self.earlier = vqa_set(self.world, experiment.shapes_vqa_scenes)
         if limit is not None:
