@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train a Uni-X model with the HF Trainer (uni_arch/train/hf_trainer.py).
 #
-#   bash train.sh                                   # the default: tiny Uni-X on the shapes world, CPU, ~15 min
+#   bash train.sh                                   # the default: tiny Uni-X on the shapes world, CPU, ~20 min
 #   bash train.sh configs/train/stage2.yaml         # a preset (YAML keys are hf_trainer.py argument names)
 #   LEARNING_RATE=3e-4 MAX_STEPS=200 bash train.sh  # any parameter below, from the environment
 #   LAUNCHER=accelerate NUM_PROCESSES=8 bash train.sh configs/train/stage3.yaml
@@ -45,10 +45,10 @@ ENV_VARS=" $(compgen -e | tr '\n' ' ') "   # what the caller set (it beats the p
 : "${TOKENIZER_PATH=${SHAPES_DIR}/tokenizer}"   # a directory, or qwen2.5
 : "${IMAGE_TOKENIZER=shapes}"                   # shapes | chameleon | hqvae
 : "${IMAGE_TOKENIZER_PATH=${SHAPES_DIR}/vq}"
-: "${DATA_PATH=${SHAPES_CODES_DIR}/shapes_captions:0.5,${SHAPES_CODES_DIR}/shapes_vqa:0.3,${SHAPES_CODES_DIR}/shapes_text:0.2}"
+: "${DATA_PATH=${SHAPES_CODES_DIR}/shapes_captions:0.8,${SHAPES_CODES_DIR}/shapes_vqa:0.1,${SHAPES_CODES_DIR}/shapes_text:0.1}"
 : "${STREAMING_DATA=0}"
 : "${DATA_PERCENTAGE=1.0}"
-: "${T2I_RATIO=0.5}"                            # image_text records: P(text-to-image), else image-to-text
+: "${T2I_RATIO=0.9}"                            # image_text records: P(text-to-image), else image-to-text
 : "${SHUFFLE_SEED=218}"
 
 # -- Model architecture --
@@ -63,8 +63,8 @@ ENV_VARS=" $(compgen -e | tr '\n' ' ') "   # what the caller set (it beats the p
 
 # -- Training hyper-parameters --
 : "${BF16=false}"
-: "${LEARNING_RATE=2e-3}"
-: "${MAX_STEPS=350}"
+: "${LEARNING_RATE=5e-4}"                       # shapes Uni-X: 1e-3 and 2e-3 learn to ignore the caption (README)
+: "${MAX_STEPS=800}"
 : "${TRAIN_BATCH_SIZE=1}"                       # packed rows per device per micro-step
 : "${MODEL_MAX_LENGTH=4096}"
 : "${USE_DATA_PACKING=2}"                       # 0: no packing, 1: pretrain packing, 2: SFT packing
@@ -96,6 +96,12 @@ ENV_VARS=" $(compgen -e | tr '\n' ' ') "   # what the caller set (it beats the p
 : "${VQ_GATE_PSNR_DB=30}"                       # held-out reconstruction PSNR, dB
 : "${VQ_GATE_MIN_SCENES=1000}"                  # held-out scenes the figures must come from
 : "${VQ_GATE_BACKGROUND_PCT=90}"                # empty background encoded with its position's usual code, %
+# The checkpoint's quality gate (shapes world only): does it read its caption (tools/conditioning_probe.py), and
+# does it draw what it is asked (evaluation/shapes_t2i.py over the 40 single-object prompts)?
+: "${CKPT_GATE_CAPTION_GAP=0.004}"               # nats per image code a wrong caption must cost (blind: ~0.0001)
+: "${CKPT_GATE_SEEDS=8}"                         # images per prompt (0 = no drawing gate)
+: "${CKPT_GATE_PAIR_EXACT_PCT=3}"                # mean exact rate over the 40 (colour, shape) prompts, %
+: "${CKPT_GATE_UNCOND_PCT=15}"                   # at most this share of unconditional images may be one red circle, %
 
 # =====================================================================================================
 # 2. Execution (usually no changes needed below)
@@ -232,6 +238,17 @@ echo "--- finished in $(( $(date +%s) - START ))s ---"
 
 # -- report: the unigram baseline the losses must beat, and where everything is --
 "$PY" -m uni_arch.train.unigram "${ARGS[@]}" 2>&1 | tail -n 4 || true
+# -- the checkpoint's quality gate: on the shapes world, does it draw what it is asked? --
+if [[ "$SETUP_SHAPES" == 1 ]]; then
+  echo "--- checking that the checkpoint reads its caption ($OUT/conditioning_probe.json) ---"
+  "$PY" tools/conditioning_probe.py --checkpoint "$OUT" --out "$OUT/conditioning_probe.json" \
+    --min_gap "$CKPT_GATE_CAPTION_GAP" || { echo "train.sh: the checkpoint is below its quality gate (message above)" >&2; exit 1; }
+fi
+if [[ "$SETUP_SHAPES" == 1 && "$CKPT_GATE_SEEDS" != 0 ]]; then
+  echo "--- checking the checkpoint's drawing ($CKPT_GATE_SEEDS seeds x 40 prompts; $OUT/shapes_t2i) ---"
+  "$PY" evaluation/shapes_t2i.py --checkpoint "$OUT" --num_seeds "$CKPT_GATE_SEEDS" \
+    --min_pair_exact_pct "$CKPT_GATE_PAIR_EXACT_PCT" --max_uncond_pct "$CKPT_GATE_UNCOND_PCT" || { echo "train.sh: the checkpoint is below its drawing gate (message above)" >&2; exit 1; }
+fi
 echo "checkpoint:   $OUT"
 echo "loss curves:  $OUT/loss_curves.csv  $OUT/loss_curves.png"
 echo "log:          $OUT/train.log"

@@ -118,11 +118,29 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def gate_reasons(summary: dict[str, Any], min_pair_exact_pct: float | None = None,
+                 max_uncond_pct: float | None = None) -> list[str]:
+    """Why a checkpoint fails the drawing gate (empty: it passes or no threshold is set)."""
+    reasons = []
+    exact = 100 * summary["pair_mean"]["exact"]
+    if min_pair_exact_pct is not None and exact < min_pair_exact_pct:
+        reasons.append(f"40-pair mean exact rate {exact:.1f}% < {min_pair_exact_pct}%")
+    uncond = 100 * summary["uncond_red_circle"]
+    if max_uncond_pct is not None and uncond > max_uncond_pct:
+        reasons.append(f"the unconditional prompt draws one red circle in {uncond:.1f}% > {max_uncond_pct}% "
+                       "(the model draws it whatever it is asked)")
+    return reasons
+
+
 def main(checkpoint: str, num_seeds: int = 64, seed: int = 0, cfg_scale: float = DEFAULT_CFG_SCALE,
          batch_size: int = 64, out: str | None = None, device: str | None = None, temperature: float | None = None,
-         top_k: int | None = None, top_k_fraction: float | None = None, top_p: float | None = None) -> dict[str, Any]:
+         top_k: int | None = None, top_k_fraction: float | None = None, top_p: float | None = None,
+         min_pair_exact_pct: float | None = None, max_uncond_pct: float | None = None) -> dict[str, Any]:
     """Measure ``checkpoint`` and write ``results.json``, ``table.md`` and contact sheets to ``out``
-    (default ``<checkpoint>/shapes_t2i``). Sampling settings left None are :data:`IMAGE_DEFAULTS`'."""
+    (default ``<checkpoint>/shapes_t2i``). Sampling settings left None are :data:`IMAGE_DEFAULTS`'.
+
+    With ``min_pair_exact_pct`` / ``max_uncond_pct`` this is the checkpoint's quality gate (train.sh's
+    ``CKPT_GATE_*``): below it the command exits with status 1 and says why, after writing everything."""
     from uni_arch.log_setup import setup_logging
 
     setup_logging(0)
@@ -143,6 +161,10 @@ def main(checkpoint: str, num_seeds: int = 64, seed: int = 0, cfg_scale: float =
     _sheet(firsts, columns=4 * min(4, num_seeds)).save(folder / "pairs.png")
     print(text)
     logger.info(f"wrote {folder}/results.json, table.md, red_circle.png, unconditional.png, pairs.png")
+    reasons = gate_reasons(summary, min_pair_exact_pct, max_uncond_pct)
+    if reasons:
+        raise SystemExit(f"{checkpoint}: below the drawing gate ({num_seeds} seeds): {'; '.join(reasons)}. "
+                         f"Look at {folder}/pairs.png; train longer (MAX_STEPS) or check the data mix.")
     return {k: v for k, v in summary.items() if k != "table"}
 
 

@@ -41,3 +41,19 @@ def test_code_nll_scores_exactly_the_codes_after_the_prompt():
     prompt, codes = [1, 2, 3, 4], [30, 31, 32, 33, 34]
     # an off-by-one slice would score each code against another position's logits: NLL ~ margin + log(vocab)
     assert abs(code_nll(oracle, prompt, codes) - expected) < 1e-5
+
+
+def test_min_gap_makes_the_probe_a_gate(monkeypatch, tmp_path):
+    import pytest
+
+    from tools import conditioning_probe as cp
+
+    figures = {"own": 0.25, "wrong": 0.2501, "uncond": 0.2502, "wrong_minus_own": 0.0001, "wrong_minus_own_se": 1e-4,
+               "uncond_minus_own": 0.0002, "uncond_minus_own_se": 1e-4}
+    monkeypatch.setattr(cp, "probe", lambda *a, **k: dict(figures))
+    assert cp.main("ckpt", out=str(tmp_path / "p.json"))["wrong_minus_own"] == 0.0001  # no gate: figures only
+    with pytest.raises(SystemExit, match=r"\+0\.0001 nats per image code \(< 0\.004"):
+        cp.main("ckpt", out=str(tmp_path / "p.json"), min_gap=0.004)
+    assert (tmp_path / "p.json").is_file()  # the figures are written before the verdict
+    figures["wrong_minus_own"] = 0.0083
+    assert cp.main("ckpt", min_gap=0.004)["wrong_minus_own"] == 0.0083

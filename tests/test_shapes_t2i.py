@@ -84,3 +84,12 @@ def test_format_table_lists_all_forty_pairs():
 def test_measure_refuses_no_seeds(seeds):
     with pytest.raises(ValueError, match="num_seeds"):
         shapes_t2i.measure(OracleInfer(), num_seeds=seeds)
+
+
+def test_gate_reasons_name_the_failing_figure():
+    summary = {"pair_mean": {"exact": 0.30}, "uncond_red_circle": 0.25}
+    assert shapes_t2i.gate_reasons(summary) == []  # no thresholds, no gate
+    assert shapes_t2i.gate_reasons(summary, min_pair_exact_pct=25.0, max_uncond_pct=30.0) == []
+    reasons = shapes_t2i.gate_reasons(summary, min_pair_exact_pct=40.0, max_uncond_pct=10.0)
+    assert reasons[0] == "40-pair mean exact rate 30.0% < 40.0%"
+    assert reasons[1].startswith("the unconditional prompt draws one red circle in 25.0% > 10.0%")

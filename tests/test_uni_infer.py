@@ -16,7 +16,9 @@ import torch
 from PIL import Image
 
 from evaluation.pipeline import load_pipeline
-from evaluation.sampling import IMAGE_DEFAULTS, TEXT_DEFAULTS, ConstrainedDecoder, RowPlan, SamplingSettings
+from evaluation.sampling import (
+    IMAGE_DEFAULTS, REFERENCE_IMAGE_SAMPLING, TEXT_DEFAULTS, ConstrainedDecoder, RowPlan, SamplingSettings,
+)
 from evaluation.uni_infer import UniInfer, any_modal_chat_api
 from modeling.vq.shapes_vq import ShapesVQ, ShapesVQConfig
 from tests.model_fixtures import VISION_START, Biased, image_ids, make_checkpoint, text_ids, tiny_model
@@ -281,7 +283,9 @@ def test_cli_chat_answers_about_an_image(infer, tmp_path):
 
 
 def test_top_k_is_scaled_to_the_codebook(infer):
-    assert IMAGE_DEFAULTS.k_for(8192) == 4096 and IMAGE_DEFAULTS.k_for(512) == 256  # the reference's 4096 of 8192
+    ref = REFERENCE_IMAGE_SAMPLING
+    assert ref.k_for(8192) == 4096 and ref.k_for(512) == 256  # the reference's 4096 of 8192
+    assert IMAGE_DEFAULTS.k_for(512) == 0  # the default does not truncate
     assert SamplingSettings(top_k=7, top_k_fraction=0.5).k_for(512) == 7  # an explicit top_k wins
     # 1 of 64 codes: sampling at any temperature is the greedy choice
     one = SamplingSettings(temperature=3.0, top_k_fraction=1 / 64)

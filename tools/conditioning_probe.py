@@ -123,8 +123,10 @@ def probe(checkpoint: str, num_images: int = 40, image_tokenizer: str | None = N
 
 
 def main(checkpoint: str, num_images: int = 40, out: str | None = None, image_tokenizer: str | None = None,
-         image_tokenizer_path: str | None = None, world_seed: int = 0, threads: int = 1) -> dict[str, Any]:
-    """CLI: print (and with ``out``, write atomically) the probe's nats per code."""
+         image_tokenizer_path: str | None = None, world_seed: int = 0, threads: int = 1,
+         min_gap: float | None = None) -> dict[str, Any]:
+    """CLI: print (and with ``out``, write atomically) the probe's nats per code. With ``min_gap`` it is a quality
+    gate (train.sh's ``CKPT_GATE_CAPTION_GAP``): exit 1 with the figures when ``wrong - own`` is below it."""
     setup_logging()
     result = probe(checkpoint, num_images, image_tokenizer, image_tokenizer_path, world_seed, threads)
     logger.info(f"{checkpoint}: nats/code own {result['own']:.4f} wrong {result['wrong']:.4f} uncond "
@@ -133,6 +135,10 @@ def main(checkpoint: str, num_images: int = 40, out: str | None = None, image_to
                 f"{num_images} held-out single-object images")
     if out:
         atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    if min_gap is not None and result["wrong_minus_own"] < min_gap:
+        raise SystemExit(f"{checkpoint}: the model barely reads its caption: a wrong caption costs "
+                         f"{result['wrong_minus_own']:+.4f} nats per image code (< {min_gap}; a blind model scores "
+                         "~0). Check the learning rate, the text-to-image share and all_modal_visible.")
     return result
 
 
