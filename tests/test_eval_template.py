@@ -111,9 +111,10 @@ def test_end_to_end_resumes_without_redoing_anything(setup, monkeypatch):
     from evaluation.benchmarks import shapes
     from evaluation.uni_infer import UniInfer
     from modeling.vq.base import file_hash
+    from tools.bench_server import ServerProcess
 
     counts = {"prompts": 0, "scored": 0, "asked": 0, "servers": 0}
-    stop_at = {"generate_calls": None, "scored": None}
+    stop_at = {"generate_calls": None, "scored": None, "asked": None}
     calls = {"generate": 0}
     real_generate, real_score, real_ask_fn = UniInfer.generate_images, shapes.ShapesScorer.__call__, \
         shapes.conversation_ask_fn
@@ -135,6 +136,8 @@ def test_end_to_end_resumes_without_redoing_anything(setup, monkeypatch):
         ask = real_ask_fn(*args, **kwargs)
 
         def counted(*a, **k):
+            if stop_at["asked"] is not None and counts["asked"] >= stop_at["asked"]:
+                raise ConnectionError("the client failed")
             counts["asked"] += 1
             return ask(*a, **k)
         return counted
@@ -165,13 +168,31 @@ def test_end_to_end_resumes_without_redoing_anything(setup, monkeypatch):
     with pytest.raises(Stop):
         eval_template.main(**run)
     assert counts["prompts"] == n_prompts and counts["scored"] == 10
-    # 3. everything, with the VQA set and the text task (small subsets): nothing drawn again, the rest scored
-    stop_at["scored"] = None
+    # 3. the rest is scored, then the VQA client fails after one answer: the server is stopped all the same
+    stop_at.update(scored=None, asked=1)
+    started = []
+    real_init = ServerProcess.__init__
+
+    def init(self, *args, **kwargs):
+        started.append(self)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(ServerProcess, "__init__", init)
+    with pytest.raises(RuntimeError, match="the client failed"):
+        eval_template.main(**run, eval_type="shapes,shapes_vqa,text", limit=3)
+    assert counts == {"prompts": n_prompts, "scored": n_images, "asked": 1, "servers": 1}
+    assert len(started) == 1 and started[0].proc.poll() is not None  # the server process has exited
+    answers = setup["out"] / "tiny" / "shapes_vqa" / "answers.jsonl"
+    kept = len(answers.read_text().splitlines())  # the answer may have been in flight when the failure came
+    # 4. everything, with the VQA set and the text task (small subsets): nothing drawn, scored or answered again
+    stop_at["asked"] = None
     eval_template.main(**{**run, "charts": True}, eval_type="shapes,shapes_vqa,text", limit=3)
-    assert counts == {"prompts": n_prompts, "scored": n_images, "asked": 3, "servers": 1}
-    # 4. a rerun draws, scores and asks nothing (and starts no server: every answer is on disk)
+    asked = 1 + 3 - kept
+    assert counts == {"prompts": n_prompts, "scored": n_images, "asked": asked, "servers": 2}
+    assert started[1].proc.poll() is not None and len(answers.read_text().splitlines()) == 3
+    # 5. a rerun draws, scores and asks nothing (and starts no server: every answer is on disk)
     eval_template.main(**run, eval_type="shapes,shapes_vqa,text", limit=3)
-    assert counts == {"prompts": n_prompts, "scored": n_images, "asked": 3, "servers": 1}
+    assert counts == {"prompts": n_prompts, "scored": n_images, "asked": asked, "servers": 2}
 
     out = setup["out"] / "tiny"
     res = json.loads((out / "shapes" / "results.json").read_text())
