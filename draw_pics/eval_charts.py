@@ -64,4 +64,4 @@ def draw_charts(summary: str | Path, out_dir: str | Path) -> Path:
 if __name__ == "__main__":
     import fire
 
-    fire.Fire(lambda summary="outputs/eval/summary.csv", out_dir="outputs/eval/charts": str(draw_charts(summary, out_dir)))
+    fire.Fire(draw_charts, serialize=str)  # --summary outputs/eval/summary.csv --out_dir outputs/eval/charts

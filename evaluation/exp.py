@@ -201,7 +201,8 @@ class Experiment:
 
     def t2i_settings(self) -> dict[str, Any]:
         """What every text-to-image result records: checkpoint and its hash, CFG, sampling, seeds."""
-        return {"checkpoint": str(Path(self.model_path).resolve()), "checkpoint_sha256": checkpoint_hash(self.model_path),
+        return {"checkpoint": str(Path(self.model_path).resolve()),
+                "checkpoint_sha256": checkpoint_hash(self.model_path),
                 "cfg_scale": self.cfg, "sampling": dataclasses.asdict(self.sampling()),
                 "seed": self.seed, "seeds": "image i of every prompt: seed + i", "n_samples": self.n_samples}
 

@@ -203,6 +203,7 @@ def test_end_to_end_resumes_without_redoing_anything(setup, monkeypatch):
     assert settings["checkpoint_sha256"] == file_hash(setup["ckpt"] / "model.safetensors")
     assert settings["cfg_scale"] == 4.0 and settings["seed"] == 0 and "top_p" in settings["sampling"]
     assert settings["scorer"]["detector"].endswith("detect") and len(settings["scorer"]["source_sha256"]) == 12
+    assert settings["image_tokenizer"]["tokenizer_id"].startswith("shapes-vq@")
     lines = (out / "shapes" / "model" / "results.jsonl").read_text().splitlines()
     assert len(lines) == 2 * n_prompts and {"filename", "tag", "prompt", "correct", "reason", "metadata",
                                             "details"} <= set(json.loads(lines[0]))

@@ -129,7 +129,9 @@ class ShapesScorer:
 
     def describe(self) -> dict[str, Any]:
         """The detector (no weights: the hash of its source files stands in for them) and its settings."""
-        folder = Path(__file__).resolve().parents[2] / "data_process" / "shapes"
+        from data_process.shapes import detect as detect_module
+
+        folder = Path(detect_module.__file__).parent
         digest = hashlib.sha256(b"".join((folder / f).read_bytes() for f in _DETECTOR_FILES)).hexdigest()[:12]
         return {"detector": "data_process.shapes.detect.detect", "rules": "data_process.shapes.detect.evaluate_geneval",
                 "source_sha256": digest, "settings": self.settings}
@@ -162,9 +164,12 @@ class ShapesGenEval:
         from evaluation.benchmarks.runners import t2i_generate_fn
 
         mine = self.indices[rank::world]
-        drawn = geneval.generate(t2i_generate_fn(infer, self.exp), self.metadata, self.out / "model", self.exp.n_samples,
-                                 self.exp.t2i_batch_prompts, indices=mine)
+        drawn = geneval.generate(t2i_generate_fn(infer, self.exp), self.metadata, self.out / "model",
+                                 self.exp.n_samples, self.exp.t2i_batch_prompts, indices=mine)
         self._references(infer, mine)
+        vq = infer.pipe.image_tokenizer  # recorded for results.json: the tokenizer behind vq_recon
+        atomic_write_text(self.out / "vq_recon" / "image_tokenizer.json",
+                          json.dumps({"tokenizer_id": vq.tokenizer_id, "weights_sha256": vq.checkpoint_hash}) + "\n")
         return len(drawn)
 
     def _references(self, infer: Any, indices: Sequence[int]) -> None:
@@ -201,7 +206,8 @@ class ShapesGenEval:
         results["settings"] = {**self.exp.t2i_settings(), "scorer": scorer.describe(),
                                "shapes_per_tag": self.exp.shapes_per_tag,
                                "shapes_unseen_per_pair": self.exp.shapes_unseen_per_pair,
-                               "image_tokenizer": "the checkpoint's own (vq_recon)"}
+                               "image_tokenizer": json.loads((self.out / "vq_recon" / "image_tokenizer.json")
+                                                             .read_text(encoding="utf-8"))}
         atomic_write_text(self.out / "results.json", json.dumps(results, indent=2) + "\n")
         logger.info("shapes GenEval\n" + format_table(results))
         return results
@@ -324,7 +330,8 @@ class ShapesVQA:
         ask = round_robin([conversation_ask_fn(url, self.exp.name, self.exp.vis_und_max_tokens, self.earlier)
                            for url in base_urls])
         settings = {"servers": list(base_urls), "model": self.exp.name, "max_tokens": self.exp.vis_und_max_tokens,
-                    "sampling": "greedy (temperature 0)", "turns": "conversation replayed with reference answers", "checkpoint": str(Path(self.exp.model_path).resolve()),
+                    "sampling": "greedy (temperature 0)", "turns": "conversation replayed with reference answers",
+                    "checkpoint": str(Path(self.exp.model_path).resolve()),
                     "checkpoint_sha256": checkpoint_hash(self.exp.model_path), "world": self.world.info(),
                     "scenes": self.exp.shapes_vqa_scenes, "limit": self.limit}
         results = run_vqa(self.items, ask, self.out, parallel=self.exp.vis_und_api_nproc, settings=settings,
