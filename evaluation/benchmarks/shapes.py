@@ -36,6 +36,7 @@ match of the short answer, per question type.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
 from collections import defaultdict
@@ -129,9 +130,7 @@ class ShapesScorer:
 
     def describe(self) -> dict[str, Any]:
         """The detector (no weights: the hash of its source files stands in for them) and its settings."""
-        from data_process.shapes import detect as detect_module
-
-        folder = Path(detect_module.__file__).parent
+        folder = Path(inspect.getfile(detect)).parent  # data_process/shapes/
         digest = hashlib.sha256(b"".join((folder / f).read_bytes() for f in _DETECTOR_FILES)).hexdigest()[:12]
         return {"detector": "data_process.shapes.detect.detect", "rules": "data_process.shapes.detect.evaluate_geneval",
                 "source_sha256": digest, "settings": self.settings}
