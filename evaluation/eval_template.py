@@ -81,8 +81,8 @@ def load_experiments(exp_file: str | None = None, only: str | Sequence[str] | No
 
 # ---------------------------------------------------------------------------------------------- machinery
 class Models:
-    """The checkpoint loaded at most once per experiment and device, on first use (text-only runs load nothing
-    for images; a run whose images are all on disk loads no model for them)."""
+    """The checkpoint loaded at most once per experiment and device, on first use (a run whose images are all on
+    disk and whose only other benchmarks are served loads none)."""
 
     def __init__(self, experiment: Experiment):
         self.exp = experiment
@@ -113,6 +113,9 @@ def _generation_worker(name: str, experiment: dict[str, Any], out_dir: str, limi
 def generate_images(name: str, bench: Any, exp: Experiment, out_dir: Path, limit: int | None, models: Models) -> None:
     """All images of a text-to-image benchmark: in process on one device, one spawned process per device else."""
     devices = exp.t2i_devices
+    if bench.pending() == 0:  # a rerun: no model to load
+        logger.info(f"{exp.name} / {name}: every image is on disk")
+        return
     if len(devices) == 1:
         bench.generate(models.get(devices[0]), 0, 1)
         return

@@ -9,8 +9,8 @@ benchmark, so the orchestrator starts fast and a benchmark whose dependencies ar
 Each class is built as ``Class(experiment, out_dir, limit)`` and has a ``kind``, which decides how the
 orchestrator drives it:
 
-* ``t2i``: ``generate(infer, rank, world)`` draws this process's share of the images (one process per device,
-  shard ``rank`` of ``world``; images on disk are skipped), then ``score()`` scores them;
+* ``t2i``: ``pending()`` counts the prompts without their images on disk; ``generate(infer, rank, world)`` draws
+  this process's share of them (one process per device, shard ``rank`` of ``world``), then ``score()`` scores;
 * ``vqa``: ``pending()`` counts the questions without an answer on disk; ``run(base_urls)`` asks them of the API
   servers the orchestrator started (none when nothing is pending) and scores;
 * ``text``: ``run(infer)`` runs lm-eval on the loaded model in process.

@@ -86,6 +86,11 @@ class GenEvalBenchmark:
                 taken[meta["tag"]] = taken.get(meta["tag"], 0) + 1
                 self.indices.append(i)
 
+    def pending(self) -> int:
+        from evaluation.benchmarks import geneval
+
+        return len(set(geneval.missing_samples(self.out, self.metadata, self.exp.n_samples)) & set(self.indices))
+
     def generate(self, infer: Any, rank: int = 0, world: int = 1) -> int:
         from evaluation.benchmarks import geneval
 
@@ -120,6 +125,11 @@ class DPGBenchmark:
         ids = sorted((k for k in prompts if k in self.questions), key=dpg_bench.item_order)
         self.item_ids = ids[:limit] if limit is not None else ids
         self.prompts = {k: prompts[k] for k in self.item_ids}
+
+    def pending(self) -> int:
+        from evaluation.benchmarks import dpg_bench
+
+        return sum(not dpg_bench.grid_path(self.out, k).is_file() for k in self.item_ids)
 
     def generate(self, infer: Any, rank: int = 0, world: int = 1) -> int:
         from evaluation.benchmarks import dpg_bench

@@ -158,6 +158,13 @@ class ShapesGenEval:
         self.metadata = [self.world.geneval_metadata(s) for s in self.scenes]
         self.indices = subset(self.metadata, self.world.unseen_pairs, limit)
 
+    def pending(self) -> int:
+        """Prompts missing an image in any of the three folders (0: the orchestrator loads no model)."""
+        missing = set(geneval.missing_samples(self.out / "model", self.metadata, self.exp.n_samples))
+        for name in REFERENCES:
+            missing |= set(geneval.missing_samples(self.out / name, self.metadata, 1))
+        return len(missing & set(self.indices)) + (not (self.out / "vq_recon" / "image_tokenizer.json").is_file())
+
     def generate(self, infer: Any, rank: int = 0, world: int = 1) -> int:
         """Shard ``rank`` of ``world``: the model's images, then the two references; returns the prompts drawn."""
         from evaluation.benchmarks.runners import t2i_generate_fn
