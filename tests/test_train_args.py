@@ -165,7 +165,7 @@ def test_plain_qwen2_checkpoint_fails_in_build_model_too(stock_qwen2):
     [
         (["--vision_encode_layers", "2"], r"vision_encode_layers=2 disagrees with .* \(vision_encode_layers=1\)"),
         (["--vision_decode_layers", "0"], r"vision_decode_layers=0 disagrees with .* \(vision_decode_layers=1\)"),
-        (["--all_modal_visible", "1"], r"all_modal_visible=1 disagrees with .* \(all_modal_visible=0\)"),
+        (["--all_modal_visible", "0"], r"all_modal_visible=0 disagrees with .* \(all_modal_visible=1\)"),
         (["--ffn_vision_size", "64"], r"ffn_vision_size=64 disagrees with .* \(ffn_vision_size=704\)"),
         (["--ffn_share_size", "64"], r"ffn_share_size=64 disagrees with .* \(ffn_share_size=704\)"),
         (["--moe_every_k", "2"], r"moe_every_k=2 disagrees with .* \(moe_every_k=1\)"),
@@ -186,5 +186,5 @@ def test_agreeing_arguments_pass(uni_x_checkpoint):
     from modeling.vocab import CodeVocab
     from uni_arch.train import builders
 
-    m = _model_args(uni_x_checkpoint, "--vision_encode_layers", "1", "--ffn_vision_size", "704", "--all_modal_visible", "0")
+    m = _model_args(uni_x_checkpoint, "--vision_encode_layers", "1", "--ffn_vision_size", "704", "--all_modal_visible", "1")
     builders.check_checkpoint(builders._checkpoint_config(m), m, CodeVocab(**VOCAB_ARGS))
