@@ -271,7 +271,22 @@ def main(only: str | Sequence[str] | None = None, eval_type: str | Sequence[str]
     return {k: str(v) for k, v in paths.items()}
 
 
+def usage() -> str:
+    """``--help``: fire cannot show it for a ``**overrides`` signature (it would take ``help`` as an override)."""
+    from dataclasses import fields
+
+    from evaluation.exp import Experiment
+
+    keys = ", ".join(sorted(f.name for f in fields(Experiment)))
+    return (f"python evaluation/eval_template.py [--only NAME[,NAME]] [--eval_type TYPE[,TYPE]] [--limit N] "
+            f"[--out_dir DIR] [--exp_file FILE] [--charts false] [--<experiment key> VALUE ...]\n\n{main.__doc__}\n"
+            f"    Experiment keys (evaluation/exp.py): {keys}\n")
+
+
 if __name__ == "__main__":
+    if {"--help", "-h"} & set(sys.argv[1:]):
+        print(usage())
+        sys.exit(0)
     import fire
 
     fire.Fire(main, serialize=lambda _: None)  # the summary is logged; do not print the return value

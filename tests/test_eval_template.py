@@ -88,6 +88,16 @@ def test_a_fresh_clone_is_told_which_command_makes_a_checkpoint(tmp_path):
     assert "Traceback" not in out.stderr + out.stdout
 
 
+def test_help_lists_the_options_and_the_experiment_keys(tmp_path):
+    """fire takes ``--help`` as an override of a ``**overrides`` main ("--help: unknown key"); it must print usage."""
+    out = subprocess.run([sys.executable, str(ROOT / "evaluation" / "eval_template.py"), "--help"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for word in ("--eval_type", "--limit", "--only", "model_path", "t2i_sampling", "Experiment keys"):
+        assert word in out.stdout, word
+    assert "unknown key" not in out.stdout + out.stderr
+
+
 # ----------------------------------------------------------------------------------------------- end to end
 class Stop(KeyboardInterrupt):
     """A Ctrl-C from a counting wrapper."""
