@@ -80,7 +80,7 @@ def measure(infer: UniInfer, num_seeds: int = 64, seed: int = 0, cfg_scale: floa
     prompts.append((None, "red", "circle"))  # the control: the unconditional prompt judged as "a red circle"
     table: dict[str, dict[str, float]] = {}
     images: dict[str, list] = {}
-    per = max(1, batch_size // num_seeds) if batch_size >= num_seeds else 1
+    per = max(1, batch_size // num_seeds)  # prompts per generate call: all their samples fit one batch
     chunks = [prompts[i:i + per] for i in range(0, len(prompts), per)]
     for chunk in tqdm(chunks, desc="drawing", unit="batch"):
         # None is the unconditional prompt (t2i_prompt_ids(None)); its CFG twin is itself, so guidance is a no-op
