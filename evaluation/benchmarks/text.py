@@ -26,7 +26,6 @@ model_args="pretrained=outputs/shapes-tiny-uni-x", tasks=resolve_tasks(["shapes_
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,6 +33,8 @@ import torch
 from loguru import logger
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
+
+from data_process.schema import atomic_path, atomic_write_text
 
 TASK_DIR = Path(__file__).resolve().parents[1] / "tasks"
 DEFAULT_TASKS: tuple[str, ...] = ("shapes_facts",)
@@ -130,12 +131,6 @@ def resolve_tasks(tasks: Sequence[str], include_path: str | Path = TASK_DIR) -> 
 
 
 # ------------------------------------------------------------------------------------------------ running
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def run_text(model: Any, tokenizer: Any, code_vocab: Any, tasks: Sequence[str] = DEFAULT_TASKS,
              out_dir: str | Path = "outputs/eval/text", limit: int | float | None = None,
              include_path: str | Path = TASK_DIR, num_fewshot: int | None = None, batch_size: int = 1,
@@ -167,16 +162,14 @@ def run_text(model: Any, tokenizer: Any, code_vocab: Any, tasks: Sequence[str] =
     raw = evaluator.simple_evaluate(model=lm, tasks=specs, num_fewshot=num_fewshot, limit=limit,
                                     task_manager=manager, log_samples=True, bootstrap_iters=bootstrap_iters)
     for task, samples in raw.get("samples", {}).items():
-        tmp = out / f"samples_{task}.jsonl.tmp"
-        with tmp.open("w", encoding="utf-8") as f:
+        with atomic_path(out / f"samples_{task}.jsonl") as tmp, tmp.open("w", encoding="utf-8") as f:
             for s in samples:
                 f.write(json.dumps(s, ensure_ascii=False, default=str) + "\n")
-        os.replace(tmp, out / f"samples_{task}.jsonl")
     results = {"results": raw["results"], "groups": raw.get("groups", {}), "versions": raw.get("versions", {}),
                "n-samples": raw.get("n-samples", {}), "model": {"lm_eval_model": "uni_x",
                                                                 "image_offset": code_vocab.image_offset},
                "request": request}
-    _write_json_atomic(done, results)
+    atomic_write_text(done, json.dumps(results, indent=2, ensure_ascii=False, default=str))
     for task, metrics in raw["results"].items():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "stderr" not in k)
         logger.info(f"text {task}: {shown}")
