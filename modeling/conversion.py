@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterator, NamedTuple
 
 import torch
 from loguru import logger
@@ -154,15 +155,26 @@ def convert_qwen(source: Qwen2ForCausalLM, config: UniXConfig, vocab_layout: str
 def _copy_vision_branches(model: UniXForCausalLM, config: UniXConfig) -> set[str]:
     """Vision branch of layer i <- text branch of layer i (same depth); returns the names of copied parameters."""
     copied = set()
-    for full_name, text_param, param in _vision_text_pairs(model):
-        if text_param.shape == param.shape:
-            param.copy_(text_param)
-            copied.add(full_name)
+    for pair in vision_text_pairs(model):
+        if pair.text.shape == pair.vision.shape:
+            pair.vision.copy_(pair.text)
+            copied.add(pair.vision_name)
     return copied
 
 
-def _vision_text_pairs(model: UniXForCausalLM):
-    """Yield ``(vision parameter name, text counterpart, vision parameter)`` for every vision branch/expert."""
+class BranchPair(NamedTuple):
+    """A vision-branch (or vision-expert) parameter and the text/shared parameter it mirrors, with full names."""
+
+    layer: int
+    vision_name: str  # e.g. model.layers.0.vision.self_attn.q_proj.weight, model.layers.1.vision_mlp.up_proj.weight
+    text_name: str  # e.g. model.layers.0.self_attn.q_proj.weight, model.layers.1.mlp.up_proj.weight
+    text: torch.nn.Parameter
+    vision: torch.nn.Parameter
+
+
+def vision_text_pairs(model: UniXForCausalLM) -> Iterator[BranchPair]:
+    """Every vision branch/expert parameter with its text counterpart: the one pairing of the two branches, used by
+    conversion (copying, the exact-export check) and by ``tools/analyze_model_grad.py`` (naming the branches)."""
     for i, layer in enumerate(model.model.layers):
         for vision_name in ("vision", "vision_mlp"):
             branch = getattr(layer, vision_name, None)
@@ -171,7 +183,8 @@ def _vision_text_pairs(model: UniXForCausalLM):
             text_params = dict(layer.named_parameters())
             for name, param in branch.named_parameters():
                 text_name = name if vision_name == "vision" else f"mlp.{name}"
-                yield f"model.layers.{i}.{vision_name}.{name}", text_params[text_name], param
+                yield BranchPair(i, f"model.layers.{i}.{vision_name}.{name}", f"model.layers.{i}.{text_name}",
+                                 text_params[text_name], param)
 
 
 @torch.no_grad()
@@ -183,8 +196,8 @@ def to_dense_qwen(model: UniXForCausalLM) -> Qwen2ForCausalLM:
     config = model.config
     if config.variant == "uni_x" and (config.vision_encode_layers or config.vision_decode_layers):
         raise ValueError(UNI_X_TO_DENSE_UNDEFINED)
-    differing = [full_name for full_name, text_param, param in _vision_text_pairs(model)
-                 if text_param.shape != param.shape or not torch.equal(text_param, param)]
+    differing = [pair.vision_name for pair in vision_text_pairs(model)
+                 if pair.text.shape != pair.vision.shape or not torch.equal(pair.text, pair.vision)]
     if differing:
         raise ValueError(f"{config.variant} -> dense is only exact when every vision expert equals its text "
                          f"counterpart; {len(differing)} differ, e.g. {differing[:3]}")
