@@ -1,17 +1,26 @@
 """`UniXConfig`: Qwen2's config plus the modality layout and the joint vocabulary (DESIGN.md sections 2 and 4).
 
-One config class serves the four variants; the per-layer architecture is *data*: ``layer_kinds`` is derived from
-``variant`` and its size fields in ``__post_init__``, validated, and saved in ``config.json`` so that a checkpoint
-states exactly which layers carry a vision branch. Layers read ``config.layer_kinds[layer_idx]``; nothing else in
-the model branches on layer indices.
+One config class serves the four variants on either backbone; the per-layer architecture is *data*: ``layer_kinds``
+is derived from ``variant`` and its size fields in ``__post_init__``, validated, and saved in ``config.json`` so
+that a checkpoint states exactly which layers carry a vision branch. Layers read ``config.layer_kinds[layer_idx]``;
+nothing else in the model branches on layer indices.
 
 Layer kinds:
-    ``shared``     one stock Qwen2 decoder layer for every token (dense, Uni-X middle layers, MoE non-expert layers)
+    ``shared``     one stock decoder layer (of ``backbone``) for every token (dense, Uni-X middle layers, MoE
+                   non-expert layers)
     ``separated``  Uni-X two-end layer: text and vision each have their own attention projections, norms and FFN;
                    attention visibility follows ``all_modal_visible`` (0: same modality of the same document only,
                    1: every token of the document)
     ``mot``        Mixture-of-Transformers layer: like ``separated`` but always globally visible
     ``moe``        shared attention and norms, FFN hard-routed by modality (text FFN / vision FFN)
+
+Backbones (``backbone``): every layer kind is built from the stock decoder layer of one transformers model family.
+    ``qwen2``  ``Qwen2DecoderLayer``: q/k/v projections with bias (Qwen2, Qwen2.5 checkpoints)
+    ``qwen3``  ``Qwen3DecoderLayer``: no q/k/v bias (``attention_bias``), per-head RMSNorm of q and k (``q_norm``,
+               ``k_norm``) before RoPE, ``head_dim`` free of ``hidden_size / num_attention_heads`` (Qwen3
+               checkpoints, and the reference Uni-X, which loads Qwen2.5 weights into Qwen3 classes)
+The config class stays ``Qwen2Config``'s subclass for both: the fields Qwen3 adds (``head_dim``,
+``attention_bias``) are declared here, and nothing else in Qwen3's config differs for full attention.
 
 Vocabulary fields (``image_offset``, ``image_level_sizes``, ``vision_start_token_id``, ``vision_end_token_id``,
 ``image_max_grid``: the layout table is in ``modeling/vocab.py``) are
@@ -34,6 +43,7 @@ VARIANTS = ("dense", "uni_x", "mot", "moe")
 LEGACY_VARIANT = "unix"  # the pre-rename spelling of "uni_x", still read from old config.json files
 LEGACY_MODEL_TYPE = "unix_qwen2"  # the pre-rename model_type, loaded by `LegacyUniXConfig`
 LAYER_KINDS = ("shared", "separated", "mot", "moe")
+BACKBONES = ("qwen2", "qwen3")
 
 
 def derive_layer_kinds(
@@ -69,6 +79,10 @@ class UniXConfig(Qwen2Config):
         moe_every_k: MoE only; layer ``i`` (0-based) is an expert layer iff ``(i + 1) % moe_every_k == 0``.
         image_offset, image_level_sizes, vision_start_token_id, vision_end_token_id, image_max_grid: the joint
             vocabulary layout (see `modeling.vocab.CodeVocab`; ``image_max_grid`` size tags follow the codes).
+        backbone: ``qwen2`` | ``qwen3``: the stock decoder layer every layer kind is built from (module docstring).
+        head_dim: attention head width (``None`` -> ``hidden_size // num_attention_heads``, Qwen2's rule; Qwen3
+            checkpoints state it).
+        attention_bias: ``qwen3`` only: bias on q/k/v/o (Qwen3 checkpoints: false). ``qwen2`` always has q/k/v bias.
         layer_kinds: derived; if given (from a saved config.json) it must equal the derived list.
     """
 
@@ -90,6 +104,9 @@ class UniXConfig(Qwen2Config):
     vision_end_token_id: int = 151653
     image_max_grid: int = 0
     layer_kinds: list[str] | None = None
+    backbone: str = "qwen2"
+    head_dim: int | None = None
+    attention_bias: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -103,6 +120,16 @@ class UniXConfig(Qwen2Config):
             self.variant = "uni_x"
         if self.variant not in VARIANTS:
             raise ValueError(f"UniXConfig: unknown variant={self.variant!r}; choose one of {VARIANTS}")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"UniXConfig: unknown backbone={self.backbone!r}; choose one of {BACKBONES}")
+        if self.backbone == "qwen2" and self.attention_bias:
+            raise ValueError("UniXConfig: attention_bias=True is a qwen3 field; backbone='qwen2' always has q/k/v "
+                             "bias and no o_proj bias (Qwen2Attention)")
+        if self.head_dim is None:
+            # stored, not left None: the stock attention reads getattr(config, "head_dim", ...) and would get None
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim <= 0:
+            raise ValueError(f"UniXConfig: head_dim={self.head_dim} must be positive")
         for name in ("vision_encode_layers", "vision_decode_layers", "image_offset"):
             if getattr(self, name) < 0:
                 raise ValueError(f"UniXConfig: {name}={getattr(self, name)} must be >= 0")
@@ -224,4 +251,6 @@ class LegacyUniXConfig(UniXConfig):
 
 
 Variant = Literal["dense", "uni_x", "mot", "moe"]
-__all__ = ["UniXConfig", "LegacyUniXConfig", "derive_layer_kinds", "VARIANTS", "LAYER_KINDS", "Variant"]
+Backbone = Literal["qwen2", "qwen3"]
+__all__ = ["UniXConfig", "LegacyUniXConfig", "derive_layer_kinds", "VARIANTS", "LAYER_KINDS", "BACKBONES", "Variant",
+           "Backbone"]

@@ -1,5 +1,11 @@
 """The decoder-layer kinds' shared machinery: the routing context and the shared and separated layers.
 
+Every kind is built from the stock decoder layer of ``config.backbone`` (`STOCK_DECODER_LAYERS`: Qwen2's or
+Qwen3's): a layer adopts the stock layer's submodules under their stock names (``self_attn``, ``mlp``,
+``input_layernorm``, ``post_attention_layernorm``), so a Qwen2/Qwen3 checkpoint loads into the text path unchanged,
+and only the routing is written here. The one backbone difference the routing must know is Qwen3's per-head RMSNorm
+of q and k (``q_norm``/``k_norm``), applied by the token's own branch before RoPE (`SharedDecoderLayer._qkv`).
+
 ``SharedDecoderLayer`` is the base of every kind (its ``forward`` does gather -> branch -> scatter through
 `ModalityRouting`); ``SeparatedDecoderLayer`` adds the parallel vision layer of Uni-X's two ends. MoT and MoE
 (`modeling.modeling_mot`, `modeling.modeling_moe`) subclass these; `modeling.layer_registry` maps
@@ -15,8 +21,15 @@ from dataclasses import dataclass
 import torch
 from transformers import Qwen2Config
 from transformers.cache_utils import Cache
-from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, apply_rotary_pos_emb, eager_attention_forward
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.qwen2.modeling_qwen2 import (
+    Qwen2DecoderLayer,
+    Qwen2MLP,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3DecoderLayer, Qwen3MLP
 
 from modeling.configuration_uni_x import UniXConfig
 from modeling.modality import ModalityRouting
@@ -27,6 +40,22 @@ def ffn_config(config: Qwen2Config, intermediate_size: int) -> Qwen2Config:
     cfg = copy.copy(config)
     cfg.__dict__["intermediate_size"] = intermediate_size
     return cfg
+
+
+# backbone -> the stock decoder layer / FFN every layer kind is built from (UniXConfig.backbone)
+STOCK_DECODER_LAYERS: dict[str, type[GradientCheckpointingLayer]] = {"qwen2": Qwen2DecoderLayer,
+                                                                      "qwen3": Qwen3DecoderLayer}
+STOCK_MLPS: dict[str, type[torch.nn.Module]] = {"qwen2": Qwen2MLP, "qwen3": Qwen3MLP}
+
+
+def stock_decoder_layer(config: UniXConfig, intermediate_size: int, layer_idx: int) -> GradientCheckpointingLayer:
+    """A stock decoder layer of ``config.backbone`` with an FFN of ``intermediate_size``."""
+    return STOCK_DECODER_LAYERS[config.backbone](ffn_config(config, intermediate_size), layer_idx)
+
+
+def stock_mlp(config: UniXConfig, intermediate_size: int) -> torch.nn.Module:
+    """A stock FFN of ``config.backbone`` (MoE's vision expert)."""
+    return STOCK_MLPS[config.backbone](ffn_config(config, intermediate_size))
 
 
 @dataclass
@@ -41,18 +70,23 @@ class LayerContext:
     use_varlen: bool  # packed row + an implementation that consumes cu_seq_lens
 
 
-class SharedDecoderLayer(Qwen2DecoderLayer):
-    """A stock Qwen2 layer for every token; the base of the other kinds, which override the branch hooks."""
+class SharedDecoderLayer(GradientCheckpointingLayer):
+    """A stock decoder layer for every token; the base of the other kinds, which override the branch hooks."""
 
     same_modality_only = False
 
     def __init__(self, config: UniXConfig, layer_idx: int):
-        super().__init__(ffn_config(config, config.share_ffn_size), layer_idx)
+        super().__init__()
+        # The stock layer's own submodules, under their stock names: its parameter names (and so every checkpoint)
+        # are the stock ones; only its forward is replaced by the routing below.
+        for name, module in stock_decoder_layer(config, config.share_ffn_size, layer_idx).named_children():
+            self.add_module(name, module)
+        self.hidden_size = config.hidden_size
         self.config = config  # the model's own config object: follows set_attn_implementation
         self.layer_idx = layer_idx
 
     # -- branch hooks: the vision side returns None for "shared with text"
-    def attention_branches(self) -> tuple[Qwen2DecoderLayer, Qwen2DecoderLayer | None]:
+    def attention_branches(self) -> tuple[torch.nn.Module, torch.nn.Module | None]:
         """Modules owning ``input_layernorm`` and ``self_attn`` for text and vision tokens."""
         return self, None
 
@@ -84,12 +118,17 @@ class SharedDecoderLayer(Qwen2DecoderLayer):
         return routing.concat_to_rows(xc_MD).view(batch, seq, hidden)
 
     @staticmethod
-    def _qkv(branch: Qwen2DecoderLayer):
-        """``x -> [q | k | v]`` of one branch (its input norm and projections)."""
+    def _qkv(branch: torch.nn.Module):
+        """``x -> [q | k | v]`` of one branch (its input norm, projections and, on Qwen3, its q/k head norms)."""
         def project(x_MD: torch.Tensor) -> torch.Tensor:
             h_MD = branch.input_layernorm(x_MD)
             attn = branch.self_attn
-            return torch.cat([attn.q_proj(h_MD), attn.k_proj(h_MD), attn.v_proj(h_MD)], dim=-1)
+            q_MF, k_MF, v_MF = attn.q_proj(h_MD), attn.k_proj(h_MD), attn.v_proj(h_MD)
+            if isinstance(attn, Qwen3Attention):
+                # Qwen3: RMSNorm over each head's channels, before RoPE, with this branch's own norm weights
+                q_MF = attn.q_norm(q_MF.unflatten(-1, (-1, attn.head_dim))).flatten(-2)  # [M, H*d] -> [M, H, d] -> back
+                k_MF = attn.k_norm(k_MF.unflatten(-1, (-1, attn.head_dim))).flatten(-2)
+            return torch.cat([q_MF, k_MF, v_MF], dim=-1)
         return project
 
     def _shared_attention(self, x_MD, ctx: LayerContext, past_key_values) -> torch.Tensor:
@@ -141,12 +180,12 @@ class SharedDecoderLayer(Qwen2DecoderLayer):
 
 
 class SeparatedDecoderLayer(SharedDecoderLayer):
-    """Uni-X two-end layer: a parallel stock vision layer (own attention projections, norms, FFN of
+    """Uni-X two-end layer: a parallel stock vision layer of the backbone (own attention projections, norms, FFN of
     ``ffn_vision_size``); attention visibility follows ``config.all_modal_visible``."""
 
     def __init__(self, config: UniXConfig, layer_idx: int):
         super().__init__(config, layer_idx)
-        self.vision = Qwen2DecoderLayer(ffn_config(config, config.vision_ffn_size), layer_idx)
+        self.vision = stock_decoder_layer(config, config.vision_ffn_size, layer_idx)
         self.same_modality_only = not config.all_modal_visible
 
     def attention_branches(self):
@@ -157,4 +196,5 @@ class SeparatedDecoderLayer(SharedDecoderLayer):
                 (lambda h: self.vision.mlp(self.vision.post_attention_layernorm(h))))
 
 
-__all__ = ["ffn_config", "LayerContext", "SharedDecoderLayer", "SeparatedDecoderLayer"]
+__all__ = ["ffn_config", "stock_decoder_layer", "stock_mlp", "STOCK_DECODER_LAYERS", "LayerContext",
+           "SharedDecoderLayer", "SeparatedDecoderLayer"]

@@ -1,16 +1,14 @@
 """Modality-routed MoE layers: attention and norms shared, the FFN hard-routed by modality.
 
-Every ``moe_every_k``-th layer (``config.layer_kinds == "moe"``) keeps the stock text FFN (``mlp``, so a Qwen2
+Every ``moe_every_k``-th layer (``config.layer_kinds == "moe"``) keeps the stock text FFN (``mlp``, so a Qwen2/Qwen3
 checkpoint loads unchanged) and adds ``vision_mlp`` (``ffn_vision_size``) for vision tokens. Routing is the token's
 modality, not a learned gate: no load-balancing loss, no capacity, each token runs exactly one expert.
 """
 
 from __future__ import annotations
 
-from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
-
 from modeling.configuration_uni_x import UniXConfig
-from modeling.layers import SharedDecoderLayer, ffn_config
+from modeling.layers import SharedDecoderLayer, stock_mlp
 
 
 class MoEDecoderLayer(SharedDecoderLayer):
@@ -18,7 +16,7 @@ class MoEDecoderLayer(SharedDecoderLayer):
 
     def __init__(self, config: UniXConfig, layer_idx: int):
         super().__init__(config, layer_idx)
-        self.vision_mlp = Qwen2MLP(ffn_config(config, config.vision_ffn_size))
+        self.vision_mlp = stock_mlp(config, config.vision_ffn_size)
 
     def ffn_branches(self):
         return ((lambda h: self.mlp(self.post_attention_layernorm(h))),

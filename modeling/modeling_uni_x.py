@@ -1,8 +1,10 @@
-"""The Uni-X model family on Qwen2: one CausalLM class whose layers are chosen per ``config.layer_kinds``.
+"""The Uni-X model family on Qwen2 or Qwen3: one CausalLM class whose layers are chosen per ``config.layer_kinds``.
 
 What differs from transformers' Qwen2 (everything else is inherited):
-- Layers are stock ``Qwen2DecoderLayer``s (same parameter names, so a Qwen2 checkpoint loads into the text path).
-  A ``separated`` (Uni-X) or ``mot`` layer additionally owns ``vision``: a second stock ``Qwen2DecoderLayer`` whose
+- Layers are built from the stock decoder layer of ``config.backbone`` (``Qwen2DecoderLayer`` or
+  ``Qwen3DecoderLayer``, same parameter names, so a Qwen2/Qwen3 checkpoint loads into the text path; the final norm
+  and RoPE tables are the same modules in both families).
+  A ``separated`` (Uni-X) or ``mot`` layer additionally owns ``vision``: a second stock decoder layer whose
   submodules (norms, q/k/v/o, FFN of ``ffn_vision_size``) process the vision tokens. A ``moe`` layer owns only a
   ``vision_mlp``. One forward serves every kind: gather -> branch -> scatter through `ModalityRouting`, whose index
   tensors are built once per batch in `UniXModel.forward`.
@@ -24,10 +26,12 @@ What differs from transformers' Qwen2 (everything else is inherited):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2ForCausalLM,
     Qwen2Model,
@@ -191,6 +195,13 @@ class UniXModel(UniXPreTrainedModel, Qwen2Model):
         return keys[:, 0, :, 0].bool()
 
 
+@dataclass
+class UniXCausalLMOutput(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` plus the final (normed) hidden states, set only with ``skip_logits=True``."""
+
+    last_hidden_state: torch.FloatTensor | None = None
+
+
 class UniXForCausalLM(UniXPreTrainedModel, Qwen2ForCausalLM):
     """Qwen2ForCausalLM with a `UniXModel` inside; forward, loss, generate and tied embeddings are inherited."""
 
@@ -200,6 +211,35 @@ class UniXForCausalLM(UniXPreTrainedModel, Qwen2ForCausalLM):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        skip_logits: bool = False,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Qwen2's forward; ``skip_logits=True`` returns ``last_hidden_state`` and no logits (nor loss), for a loss
+        that applies ``lm_head`` chunk by chunk (``uni_arch/train/chunked_loss.py``): at a 160k vocabulary the
+        logits of a training row are the largest tensor of the step. A flag of this forward rather than a call of
+        ``self.model``, so that DDP/accelerate wrappers see the call. The signature is Qwen2's, spelled out:
+        ``generate`` reads it (``logits_to_keep``)."""
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        if not skip_logits:
+            return super().forward(labels=labels, logits_to_keep=logits_to_keep, **inputs)
+        if labels is not None:
+            raise ValueError("skip_logits=True computes no loss (it returns the hidden states for the caller's "
+                             "loss): pass labels=None")
+        outputs = self.model(**inputs)
+        return UniXCausalLMOutput(last_hidden_state=outputs.last_hidden_state, past_key_values=outputs.past_key_values,
+                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
 
 class LegacyUniXForCausalLM(UniXForCausalLM):

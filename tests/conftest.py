@@ -28,3 +28,9 @@ def _one_thread():
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(params=["qwen2", "qwen3"])
+def backbone(request) -> str:
+    """``UniXConfig.backbone``: a model test that takes this fixture runs on both stock decoder layers."""
+    return request.param

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from transformers import Qwen2Config
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from modeling import UniXConfig, build_model
 
@@ -23,8 +23,16 @@ VARIANTS = {
 }
 
 
+BACKBONES = ("qwen2", "qwen3")  # the `backbone` fixture (tests/conftest.py) runs the model tests over both
+STOCK_CAUSAL_LM = {"qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM}
+
+
 def tiny_config(**overrides) -> UniXConfig:
-    """Hidden 32, 4 layers, GQA 4/2 heads, 96 text ids + 64 image codes; a vision FFN narrower than the text one."""
+    """Hidden 32, 4 layers, GQA 4/2 heads, 96 text ids + 64 image codes; a vision FFN narrower than the text one.
+
+    On ``backbone="qwen3"`` the heads are 16 wide (not hidden / heads = 8), as Qwen3's own head width is free of the
+    hidden size: a path that derived it from ``hidden_size`` would fail every qwen3 test.
+    """
     fields = dict(
         vocab_size=TEXT_VOCAB + NUM_CODES, hidden_size=32, intermediate_size=64, ffn_vision_size=48,
         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -32,18 +40,25 @@ def tiny_config(**overrides) -> UniXConfig:
         vision_end_token_id=VISION_END, tie_word_embeddings=False,
     )
     fields.update(overrides)
+    if fields.get("backbone") == "qwen3":
+        fields.setdefault("head_dim", 16)
     return UniXConfig(**fields)
 
 
-def stock_qwen2_config(config: UniXConfig, intermediate_size: int | None = None) -> Qwen2Config:
-    """A stock Qwen2 config with the architecture of ``config`` (eager attention), for stock reference modules."""
-    cfg = Qwen2Config(
+def stock_config(config: UniXConfig, intermediate_size: int | None = None) -> Qwen2Config | Qwen3Config:
+    """A stock config of ``config.backbone`` (Qwen2 or Qwen3) with the architecture of ``config`` (eager
+    attention), for stock reference modules."""
+    fields = dict(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size,
         intermediate_size=intermediate_size or config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
         num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
         max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
         rope_parameters=dict(config.rope_parameters), tie_word_embeddings=config.tie_word_embeddings,
     )
+    if config.backbone == "qwen3":
+        cfg = Qwen3Config(**fields, head_dim=config.head_dim, attention_bias=config.attention_bias)
+    else:
+        cfg = Qwen2Config(**fields)
     cfg._attn_implementation = "eager"
     return cfg
 

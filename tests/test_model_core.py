@@ -8,15 +8,16 @@ import warnings
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, Qwen2ForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from modeling import UniXConfig, UniXForCausalLM
 from tests.model_fixtures import (
+    STOCK_CAUSAL_LM,
     VARIANTS,
     documents,
     image_ids,
     pack,
-    stock_qwen2_config,
+    stock_config,
     text_ids,
     tiny_config,
     tiny_model,
@@ -38,6 +39,8 @@ from tests.model_fixtures import (
         (dict(variant="mot", layer_kinds=["shared"] * 4), "disagrees with the kinds derived"),
         (dict(use_sliding_window=True, sliding_window=64, max_window_layers=2),
          "use_sliding_window=True .*not supported"),
+        (dict(backbone="llama"), "unknown backbone='llama'"),
+        (dict(backbone="qwen2", attention_bias=True), "attention_bias=True is a qwen3 field"),
     ],
 )
 def test_config_validation_names_the_fields(overrides, message):
@@ -70,16 +73,34 @@ def test_sliding_window_is_refused_from_config_json_but_qwen25_fields_load(tmp_p
         AutoConfig.from_pretrained(tmp_path)
 
 
-def test_layer_kinds_are_derived():
-    assert tiny_config(variant="uni_x", vision_encode_layers=1, vision_decode_layers=2).layer_kinds == [
-        "separated", "shared", "separated", "separated"]
-    assert tiny_config(variant="moe", moe_every_k=2).layer_kinds == ["shared", "moe", "shared", "moe"]
-    assert tiny_config(variant="mot").layer_kinds == ["mot"] * 4
+@pytest.mark.parametrize("backbone, head_dim, qkv_bias, head_norms", [("qwen2", 8, True, False),
+                                                                      ("qwen3", 16, False, True)])
+def test_backbone_builds_the_stock_attention_of_its_family(backbone, head_dim, qkv_bias, head_norms):
+    """Every branch of every kind (text, vision, MoE expert) has the backbone's attention: Qwen3 without q/k/v bias,
+    with per-head q/k norms and its own head width; the choice is saved in config.json."""
+    for name in ("uni_x_amv0", "mot", "moe"):
+        model = tiny_model(name, backbone=backbone)
+        names = {n for n, _ in model.named_parameters()}
+        assert model.config.head_dim == head_dim and model.config.to_dict()["backbone"] == backbone
+        assert ("model.layers.0.self_attn.q_proj.bias" in names) is qkv_bias
+        assert ("model.layers.0.self_attn.k_norm.weight" in names) is head_norms
+        if name != "moe":
+            assert ("model.layers.0.vision.self_attn.q_norm.weight" in names) is head_norms
+            assert ("model.layers.0.vision.self_attn.v_proj.bias" in names) is qkv_bias
+        assert model.model.layers[0].self_attn.q_proj.out_features == 4 * head_dim
+
+
+def test_layer_kinds_are_derived(backbone):
+    assert tiny_config(variant="uni_x", vision_encode_layers=1, vision_decode_layers=2,
+                       backbone=backbone).layer_kinds == ["separated", "shared", "separated", "separated"]
+    assert tiny_config(variant="moe", moe_every_k=2, backbone=backbone).layer_kinds == [
+        "shared", "moe", "shared", "moe"]
+    assert tiny_config(variant="mot", backbone=backbone).layer_kinds == ["mot"] * 4
 
 
 @pytest.mark.parametrize("name", ["uni_x_amv0", "moe"])
-def test_save_load_round_trip_through_auto_classes(name, tmp_path):
-    model = tiny_model(name)
+def test_save_load_round_trip_through_auto_classes(name, tmp_path, backbone):
+    model = tiny_model(name, backbone=backbone)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
     assert AutoConfig.from_pretrained(tmp_path).layer_kinds == model.config.layer_kinds
@@ -118,12 +139,13 @@ def test_checkpoint_saved_before_the_rename_loads_with_a_warning_and_resaves_ren
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa", "uni_x_packed"])
 @pytest.mark.parametrize("name", ["dense", "uni_x_0_0"])
-def test_no_separated_layers_equals_stock_qwen2_per_document(name, attn):
+def test_no_separated_layers_equals_stock_model_per_document(name, attn, backbone):
     """Dense, and Uni-X with 0+0 separated layers, on a packed row of mixed documents equal transformers' own
-    `Qwen2ForCausalLM` (the same weights, loaded by name) run on each document alone."""
+    `Qwen2ForCausalLM` / `Qwen3ForCausalLM` (the backbone's; the same weights, loaded by name) run on each document
+    alone."""
     overrides = dict(vision_encode_layers=0, vision_decode_layers=0) if name == "uni_x_0_0" else {}
-    model = tiny_model("uni_x_amv0" if overrides else "dense", attn, **overrides)
-    stock = Qwen2ForCausalLM(stock_qwen2_config(model.config)).eval()
+    model = tiny_model("uni_x_amv0" if overrides else "dense", attn, **overrides, backbone=backbone)
+    stock = STOCK_CAUSAL_LM[backbone](stock_config(model.config)).eval()
     stock.load_state_dict(model.state_dict(), strict=True)  # same names, nothing left over on either side
     docs = documents(0) + documents(1)[2:4]
     with torch.no_grad():
@@ -138,7 +160,7 @@ def _vision_params(model) -> dict[str, torch.nn.Parameter]:
 
 
 @pytest.mark.parametrize("amv", [0, 1])
-def test_vision_parameters_never_touch_text_tokens_in_encode_layers(amv):
+def test_vision_parameters_never_touch_text_tokens_in_encode_layers(amv, backbone):
     """Perturbing vision-only parameters: with all_modal_visible=0 text hidden states before the first shared layer
     are unchanged; with 1 only the vision keys/values reach text tokens, so perturbing the vision queries, o_proj,
     norm and FFN of a layer leaves that layer's text outputs unchanged."""
@@ -146,7 +168,7 @@ def test_vision_parameters_never_touch_text_tokens_in_encode_layers(amv):
     ids = torch.tensor([text_ids(4, g) + [10] + image_ids(5, g) + [11] + text_ids(3, g)])
     text_pos = (ids[0] < 96) & (ids[0] != 10)
     model = tiny_model("uni_x_amv0", all_modal_visible=amv, num_hidden_layers=4, vision_encode_layers=2,
-                       vision_decode_layers=1)
+                       vision_decode_layers=1, backbone=backbone)
     before = model(ids, use_cache=False, output_hidden_states=True).hidden_states
     with torch.no_grad():
         if amv:  # last encode layer, everything of the vision branch that does not feed vision keys/values
@@ -165,10 +187,10 @@ def test_vision_parameters_never_touch_text_tokens_in_encode_layers(amv):
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 @pytest.mark.parametrize("modality", ["text", "vision"])
-def test_one_modality_batch_gives_every_parameter_a_gradient(name, modality):
+def test_one_modality_batch_gives_every_parameter_a_gradient(name, modality, backbone):
     g = torch.Generator().manual_seed(2)
     ids = text_ids(12, g) if modality == "text" else image_ids(12, g)
-    model = tiny_model(name, "uni_x_packed").train()
+    model = tiny_model(name, "uni_x_packed", backbone=backbone).train()
     batch = pack([ids[:5], ids[5:]])
     loss = model(**batch, labels=batch["input_ids"], use_cache=False).loss
     loss.backward()
@@ -177,8 +199,8 @@ def test_one_modality_batch_gives_every_parameter_a_gradient(name, modality):
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_every_parameter_changes_after_training_steps(name):
-    model = tiny_model(name, "uni_x_packed").train()
+def test_every_parameter_changes_after_training_steps(name, backbone):
+    model = tiny_model(name, "uni_x_packed", backbone=backbone).train()
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for seed in range(3):
@@ -190,11 +212,11 @@ def test_every_parameter_changes_after_training_steps(name):
     assert not unchanged, f"{name}: unchanged parameters {unchanged}"
 
 
-def test_gradient_checkpointing_matches_plain_backward():
+def test_gradient_checkpointing_matches_plain_backward(backbone):
     batch = pack(documents())
     grads = []
     for checkpointing in (False, True):
-        model = tiny_model("uni_x_amv1", "uni_x_packed").train()
+        model = tiny_model("uni_x_amv1", "uni_x_packed", backbone=backbone).train()
         if checkpointing:
             enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
             enable()
@@ -205,8 +227,8 @@ def test_gradient_checkpointing_matches_plain_backward():
         torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)
 
 
-def test_inputs_embeds_needs_vision_mask():
-    model = tiny_model("uni_x_amv0")
+def test_inputs_embeds_needs_vision_mask(backbone):
+    model = tiny_model("uni_x_amv0", backbone=backbone)
     embeds = model.get_input_embeddings()(torch.tensor([[20, 21]]))
     with pytest.raises(ValueError, match="vision_mask"):
         model(inputs_embeds=embeds, use_cache=False)
@@ -241,7 +263,7 @@ def test_reference_configs_have_the_qwen25_shapes(name, base_params, separated):
     assert sum(p.numel() for p in model.parameters()) == base_params
 
 
-def test_restarting_positions_without_boundaries_raise():
-    model = tiny_model("dense")
+def test_restarting_positions_without_boundaries_raise(backbone):
+    model = tiny_model("dense", backbone=backbone)
     with pytest.raises(ValueError, match="no cu_seq_lens"):
         model(torch.tensor([[20, 21, 22, 23]]), position_ids=torch.tensor([[0, 1, 0, 1]]), use_cache=False)

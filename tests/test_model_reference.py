@@ -1,9 +1,9 @@
 """The model against independent naive references built from stock transformers modules only.
 
 Nothing here uses ``modeling.modality`` or ``modeling.layers``: the references re-derive each variant from its
-definition (DESIGN.md sections 2-3) with stock ``Qwen2DecoderLayer``/``Qwen2RotaryEmbedding`` modules that get the
-model's weights by name, one document at a time, so a routing, ordering, position or mask error in the model's
-packed paths cannot be reproduced by the reference.
+definition (DESIGN.md sections 2-3) with stock ``Qwen2DecoderLayer``/``Qwen3DecoderLayer`` and rotary modules
+(the backbone's) that get the model's weights by name, one document at a time, so a routing, ordering, position or
+mask error in the model's packed paths cannot be reproduced by the reference.
 
 * Uni-X, ``all_modal_visible=0``: in a separated layer each modality of each document is gathered and run through
   the stock layer of its branch (text weights / vision weights) with a plain causal mask over the gathered tokens and
@@ -26,6 +26,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2RotaryEmbedding,
     apply_rotary_pos_emb,
 )
+from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3MLP, Qwen3RotaryEmbedding
 
 from tests.model_fixtures import (
     NUM_CODES,
@@ -33,7 +34,7 @@ from tests.model_fixtures import (
     VISION_START,
     documents,
     pack,
-    stock_qwen2_config,
+    stock_config,
     tiny_model,
 )
 
@@ -42,8 +43,13 @@ ATOL = 1e-5
 
 
 # ------------------------------------------------------------------ stock modules with the model's weights
-def _stock_layer(config, intermediate_size: int, layer_idx: int, state: dict) -> Qwen2DecoderLayer:
-    layer = Qwen2DecoderLayer(stock_qwen2_config(config, intermediate_size), layer_idx).eval()
+# the backbone's stock classes, named here (not taken from modeling.layers) so the reference stays independent
+STOCK = {"qwen2": (Qwen2DecoderLayer, Qwen2MLP, Qwen2RotaryEmbedding),
+         "qwen3": (Qwen3DecoderLayer, Qwen3MLP, Qwen3RotaryEmbedding)}
+
+
+def _stock_layer(config, intermediate_size: int, layer_idx: int, state: dict) -> torch.nn.Module:
+    layer = STOCK[config.backbone][0](stock_config(config, intermediate_size), layer_idx).eval()
     layer.load_state_dict(state, strict=True)  # every stock parameter comes from the model, by name
     return layer
 
@@ -76,7 +82,7 @@ def _branches(model):
         if i in separated:
             vision = _stock_layer(cfg, vision_ffn, i, _sub_state(model, prefix + "vision."))
         if cfg.variant == "moe" and (i + 1) % cfg.moe_every_k == 0:
-            mlp = Qwen2MLP(stock_qwen2_config(cfg, vision_ffn))
+            mlp = STOCK[cfg.backbone][1](stock_config(cfg, vision_ffn))
             mlp.load_state_dict(_sub_state(model, prefix + "vision_mlp."), strict=True)
         out.append((i, text, vision, mlp))
     return out
@@ -104,7 +110,7 @@ def _final(model, h_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _naive_same_modality(model, doc: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Uni-X with all_modal_visible=0: gather a modality, stock layer with global positions, scatter back."""
     ids = torch.tensor(doc)
-    rope = Qwen2RotaryEmbedding(config=stock_qwen2_config(model.config, model.config.intermediate_size))
+    rope = STOCK[model.config.backbone][2](config=stock_config(model.config, model.config.intermediate_size))
     h = F.embedding(ids, model.state_dict()["model.embed_tokens.weight"])  # [T, D]
     vision = _is_vision(ids)
     for _, text_layer, vision_layer, _ in _branches(model):
@@ -128,8 +134,8 @@ def _naive_document_visible(model, doc: list[int]) -> tuple[torch.Tensor, torch.
     cfg = model.config
     ids = torch.tensor(doc)
     n, heads, kv_heads = len(doc), cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = cfg.hidden_size // heads
-    rope = Qwen2RotaryEmbedding(config=stock_qwen2_config(cfg, cfg.intermediate_size))
+    head_dim = cfg.head_dim  # Qwen2: hidden_size // heads; the qwen3 tiny config has wider heads
+    rope = STOCK[cfg.backbone][2](config=stock_config(cfg, cfg.intermediate_size))
     cos, sin = rope(torch.zeros(1, n, cfg.hidden_size), torch.arange(n)[None])
     h = F.embedding(ids, model.state_dict()["model.embed_tokens.weight"])
     vision = _is_vision(ids).tolist()
@@ -138,9 +144,13 @@ def _naive_document_visible(model, doc: list[int]) -> tuple[torch.Tensor, torch.
         q, k, v = [], [], []
         for t in range(n):  # projections of each token by its own branch
             x = own[t].input_layernorm(h[t])
-            q.append(own[t].self_attn.q_proj(x))
-            k.append(own[t].self_attn.k_proj(x))
-            v.append(own[t].self_attn.v_proj(x))
+            attn_t = own[t].self_attn
+            q_t, k_t = attn_t.q_proj(x).view(heads, head_dim), attn_t.k_proj(x).view(kv_heads, head_dim)
+            if cfg.backbone == "qwen3":  # Qwen3: per-head RMSNorm of q and k (the token's own branch) before RoPE
+                q_t, k_t = attn_t.q_norm(q_t), attn_t.k_norm(k_t)
+            q.append(q_t.flatten())
+            k.append(k_t.flatten())
+            v.append(attn_t.v_proj(x))
         q = torch.stack(q).view(1, n, heads, head_dim).transpose(1, 2)
         k = torch.stack(k).view(1, n, kv_heads, head_dim).transpose(1, 2)
         v = torch.stack(v).view(1, n, kv_heads, head_dim).transpose(1, 2)
@@ -179,8 +189,9 @@ DOCS = documents(0) + documents(1)[2:4]
 
 
 @pytest.mark.parametrize("attn", IMPLEMENTATIONS)
-def test_uni_x_same_modality_equals_naive_gather_scatter_reference(attn):
-    model = tiny_model("uni_x_amv0", attn, num_hidden_layers=5, vision_encode_layers=2, vision_decode_layers=1)
+def test_uni_x_same_modality_equals_naive_gather_scatter_reference(attn, backbone):
+    model = tiny_model("uni_x_amv0", attn, num_hidden_layers=5, vision_encode_layers=2, vision_decode_layers=1,
+                       backbone=backbone)
     want_hidden, want_logits = _reference(model, DOCS, _naive_same_modality)
     hidden, logits = _packed(model, DOCS)
     assert _max_diff(hidden, want_hidden) < ATOL and _max_diff(logits, want_logits) < ATOL
@@ -192,17 +203,18 @@ def test_uni_x_same_modality_equals_naive_gather_scatter_reference(attn):
     ("moe", {}),
 ])
 @pytest.mark.parametrize("attn", IMPLEMENTATIONS)
-def test_document_visible_variants_equal_naive_token_wise_reference(name, overrides, attn):
-    model = tiny_model(name, attn, **overrides)
+def test_document_visible_variants_equal_naive_token_wise_reference(name, overrides, attn, backbone):
+    model = tiny_model(name, attn, **overrides, backbone=backbone)
     want_hidden, want_logits = _reference(model, DOCS, _naive_document_visible)
     hidden, logits = _packed(model, DOCS)
     assert _max_diff(hidden, want_hidden) < ATOL and _max_diff(logits, want_logits) < ATOL
 
 
-def test_references_tell_the_visibility_rules_apart():
+def test_references_tell_the_visibility_rules_apart(backbone):
     """The two references disagree on the same weights by far more than the tolerance, so each comparison above
     can fail: a model that attended across modalities (or not) where it must not would be caught."""
-    model = tiny_model("uni_x_amv0", "eager", num_hidden_layers=5, vision_encode_layers=2, vision_decode_layers=1)
+    model = tiny_model("uni_x_amv0", "eager", num_hidden_layers=5, vision_encode_layers=2, vision_decode_layers=1,
+                       backbone=backbone)
     same, _ = _reference(model, DOCS, _naive_same_modality)
     document, _ = _reference(model, DOCS, _naive_document_visible)
     assert _max_diff(same, document) > 1e3 * ATOL
