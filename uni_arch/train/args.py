@@ -136,10 +136,15 @@ class DataArguments:
 
     data_path: str = field(
         default="data/shapes_codes",
-        metadata={"help": "Record files, globs or folders; several sources with weights: 'a/*.jsonl:0.7,b:0.3'."},
+        metadata={"help": "Record files (.jsonl, .parquet), globs or folders; several sources with weights: "
+                  "'a/*.jsonl:0.7,b:0.3', or the reference's concatenation 'a^^b' (see percentage)."},
     )
     streaming_data: int = field(default=0, metadata={"help": "1: stream the jsonl shards instead of loading them."})
     data_percentage: float = field(default=1.0, metadata={"help": "Fraction of every source to use, (0, 1]."})
+    percentage: str | None = field(
+        default=None, metadata={"help": "Reference knob: fraction of every source ('0.5'), or one per '^^' source of "
+                                "data_path ('0.5^^1.0'); in place of data_percentage."}
+    )
     t2i_ratio: float = field(default=0.5, metadata={"help": "Probability that an image_text record is text-to-image."})
     cfg_dropout: float = field(default=0.1, metadata={"help": "Probability of the unconditional prompt in t2i samples."})
     ignore_instruction: int = field(default=1, metadata={"help": "1: no loss on prompts/instructions."})
@@ -156,11 +161,19 @@ class DataArguments:
     size_tags: bool = field(default=False, metadata={"help": "Put <height_h><width_w> before the codes."})
     system_prompt: str | None = field(default=None, metadata={"help": "System prompt of conversation samples."})
     template_dir: str | None = field(default=None, metadata={"help": "Chat template directory (default: configs/chat_templates)."})
+    chat_template: str = field(default="chatml", metadata={
+        "help": "Chat format <template_dir>/<name>.yaml: chatml (Qwen2.5's ChatML), plain (no markup) or reference "
+                "(the reference Uni-X's own samples, token for token). Recorded in every checkpoint for inference."})
 
     def __post_init__(self) -> None:
         _check_01("streaming_data", self.streaming_data)
         _check_01("ignore_instruction", self.ignore_instruction)
         _check_fraction("data_percentage", self.data_percentage, low_open=True)
+        if self.percentage is not None and self.data_percentage != 1.0:
+            raise ValueError(f"percentage={self.percentage!r} and data_percentage={self.data_percentage} are both set: "
+                             "give one (percentage is the reference's name, with one fraction per '^^' source)")
+        for value in self.percentages or []:
+            _check_fraction("percentage", value, low_open=True)
         _check_fraction("t2i_ratio", self.t2i_ratio)
         _check_fraction("cfg_dropout", self.cfg_dropout)
         if self.use_data_packing not in (0, 1, 2):
@@ -171,6 +184,23 @@ class DataArguments:
             raise ValueError(f"packing_buffer={self.packing_buffer} must be positive")
         if not self.data_path.strip():
             raise ValueError("data_path is empty")
+        from uni_arch.train.templates import DEFAULT_TEMPLATE_DIR
+
+        template_dir = Path(self.template_dir) if self.template_dir else DEFAULT_TEMPLATE_DIR
+        if not (template_dir / f"{self.chat_template}.yaml").is_file():
+            known = sorted(p.stem for p in template_dir.glob("*.yaml")) if template_dir.is_dir() else []
+            raise ValueError(f"chat_template={self.chat_template!r}: no {template_dir / (self.chat_template + '.yaml')} "
+                             f"(template_dir={str(template_dir)!r} holds {known})")
+
+    @property
+    def percentages(self) -> list[float] | None:
+        """``percentage`` parsed ('0.5' or '0.5^^1.0'); None when not given."""
+        if self.percentage is None:
+            return None
+        try:
+            return [float(x) for x in str(self.percentage).split("^^")]
+        except ValueError as e:
+            raise ValueError(f"percentage={self.percentage!r} must be fractions joined by '^^' (e.g. 0.5^^1.0)") from e
 
 
 @dataclass
@@ -193,10 +223,17 @@ class UniTrainingArguments(TrainingArguments):
     write_loss_curves: bool = field(
         default=True, metadata={"help": "Write loss_curves.csv/.png (per-modality losses) into output_dir."}
     )
+    loss_chunk_size: int = field(
+        default=0, metadata={"help": "0: the plain loss (the whole row's [tokens, vocab] float32 logits); N > 0: the "
+                             "loss in chunks of N tokens whose logits never coexist (uni_arch/train/chunked_loss.py; "
+                             "same values, memory ~ N x vocab x 4 bytes; e.g. 1024). Not with ZeRO-3/FSDP."}
+    )
 
     def __post_init__(self) -> None:
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns=True would drop the packed-row keys; keep it False")
+        if self.loss_chunk_size < 0:
+            raise ValueError(f"loss_chunk_size={self.loss_chunk_size} must be >= 0 (0 = the plain loss)")
         if self.warmup_ratio is not None:
             _check_fraction("warmup_ratio", self.warmup_ratio)
             if self.warmup_ratio >= 1.0:

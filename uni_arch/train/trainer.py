@@ -9,11 +9,14 @@ What changes, and where:
   ``num_items_in_batch`` says), so gradient accumulation and multi-rank averaging behave like the stock Trainer.
   A non-finite loss stops the run at that very step on every rank (one tiny all-reduce per micro-batch), with a
   message naming the step, instead of being averaged away by ``logging_nan_inf_filter``.
+  With ``loss_chunk_size > 0`` the forward is called with ``skip_logits=True`` and the same losses come from its
+  final hidden states and the output projection's weight, chunk by chunk (``uni_arch.train.chunked_loss``: the
+  [tokens, vocab] logits of the whole row never exist); 0 (the default) is the plain path above, unchanged.
 * ``log`` -- sums buffered since the last log are summed over all ranks (``accelerator.reduce``) and
   added as ``text_loss``, ``image_loss``, ``text_tokens``, ``image_tokens``, ``tokens_per_second`` (real tokens,
   all ranks, wall clock since the last log) and ``token_utilisation`` (real tokens / row capacity).
 
-No model code lives here: the trainer sees logits and labels only.
+No model code lives here: the trainer sees logits (or final hidden states and the head's weight) and labels.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from modeling.vocab import IGNORE_INDEX, CodeVocab
+from uni_arch.train.chunked_loss import liger_fused_linear_ce, linear_cross_entropy
 from uni_arch.train.data_collator import META_KEYS
 
 # Buffer slots, summed over micro-batches and ranks between two logs.
@@ -40,22 +44,49 @@ def target_is_image(targets: torch.Tensor, vocab: CodeVocab | None) -> torch.Ten
     return vocab.is_image_target(targets)
 
 
+def _shifted_targets(labels_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets of every position (predict t+1 from t), flattened [N], and their mask of real targets."""
+    targets_N = labels_BT[:, 1:].reshape(-1)
+    return targets_N, targets_N != IGNORE_INDEX
+
+
+def _parts(loss_sum: torch.Tensor, text_sum: torch.Tensor, image_sum: torch.Tensor, valid_N: torch.Tensor,
+           image_N: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"loss_sum": loss_sum, "num_targets": valid_N.sum(), "text_loss_sum": text_sum,
+            "text_tokens": (valid_N & ~image_N).sum(), "image_loss_sum": image_sum, "image_tokens": image_N.sum()}
+
+
 def modality_losses(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, vocab: CodeVocab | None) -> dict[str, torch.Tensor]:
     """Shifted token CE (float32) split by target modality: sums and counts, all 0-dim tensors."""
     logits_NV = logits_BTV[:, :-1, :].reshape(-1, logits_BTV.shape[-1]).float()  # predict t+1 from t
-    targets_N = labels_BT[:, 1:].reshape(-1)
-    valid_N = targets_N != IGNORE_INDEX
+    targets_N, valid_N = _shifted_targets(labels_BT)
     ce_N = F.cross_entropy(logits_NV, targets_N.clamp_min(0), reduction="none") * valid_N
     image_N = target_is_image(targets_N, vocab) & valid_N
     text_N = valid_N & ~image_N
-    return {
-        "loss_sum": ce_N.sum(),
-        "num_targets": valid_N.sum(),
-        "text_loss_sum": (ce_N * text_N).sum(),
-        "text_tokens": text_N.sum(),
-        "image_loss_sum": (ce_N * image_N).sum(),
-        "image_tokens": image_N.sum(),
-    }
+    return _parts(ce_N.sum(), (ce_N * text_N).sum(), (ce_N * image_N).sum(), valid_N, image_N)
+
+
+def chunked_modality_losses(hidden_BTD: torch.Tensor, weight_VD: torch.Tensor, labels_BT: torch.Tensor,
+                            vocab: CodeVocab | None, chunk_size: int) -> dict[str, torch.Tensor]:
+    """:func:`modality_losses` of ``logits = hidden @ weight.T`` without the [tokens, vocab] logits of the whole
+    row (``uni_arch.train.chunked_loss``): same values and gradients of ``loss_sum`` to float rounding; the two
+    per-modality sums are metrics here, without gradients."""
+    hidden_ND = hidden_BTD[:, :-1, :].reshape(-1, hidden_BTD.shape[-1])  # predict t+1 from t
+    targets_N, valid_N = _shifted_targets(labels_BT)
+    image_N = target_is_image(targets_N, vocab) & valid_N
+    text_N = valid_N & ~image_N
+    liger = liger_fused_linear_ce(hidden_ND.device)
+    if liger is None:
+        loss_sum, ce_N = linear_cross_entropy(hidden_ND, weight_VD, targets_N.clamp_min(0), valid_N.float(),
+                                              chunk_size)
+        ce_N = ce_N * valid_N
+        return _parts(loss_sum, (ce_N * text_N).sum(), (ce_N * image_N).sum(), valid_N, image_N)
+    # Liger returns the sum only: the image part is recomputed here, forward only, on the image targets' rows.
+    loss_sum = liger(hidden_ND, weight_VD, targets_N, ignore_index=IGNORE_INDEX, reduction="sum").float()
+    with torch.no_grad():
+        image_sum, _ = linear_cross_entropy(hidden_ND[image_N], weight_VD, targets_N[image_N],
+                                            torch.ones_like(targets_N[image_N], dtype=torch.float32), chunk_size)
+    return _parts(loss_sum, loss_sum.detach() - image_sum, image_sum, valid_N, image_N)
 
 
 class UniTrainer(Trainer):
@@ -89,8 +120,15 @@ class UniTrainer(Trainer):
         if model.training and self._metric_clock is None:
             self._metric_clock = time.perf_counter()  # first step: start before the forward, so it is timed too
         # use_cache=False: with a cache transformers does not build the packed mask (DESIGN.md section 9).
-        outputs = model(**inputs, use_cache=False)
-        parts = modality_losses(outputs.logits, labels, self.code_vocab)
+        chunk = getattr(self.args, "loss_chunk_size", 0)  # stock TrainingArguments: the plain loss
+        if chunk:
+            # The head is applied chunk by chunk in the loss: the model returns its final hidden states instead.
+            outputs = model(**inputs, use_cache=False, skip_logits=True)
+            head = self.accelerator.unwrap_model(model).get_output_embeddings()
+            parts = chunked_modality_losses(outputs.last_hidden_state, head.weight, labels, self.code_vocab, chunk)
+        else:
+            outputs = model(**inputs, use_cache=False)
+            parts = modality_losses(outputs.logits, labels, self.code_vocab)
         if num_items_in_batch is not None:
             # Normalised over the whole accumulated (and, by default, all-rank) batch, like the model's own loss.
             loss = parts["loss_sum"] / num_items_in_batch
