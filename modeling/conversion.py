@@ -1,9 +1,19 @@
-"""Qwen2/Qwen2.5 checkpoint -> any variant (dense, Uni-X, MoT, MoE), and back where that is defined.
+"""Qwen2/Qwen2.5/Qwen3 checkpoint -> any variant (dense, Uni-X, MoT, MoE), and back where that is defined.
 
     python modeling/conversion.py --src <qwen dir> --dst <dir> --variant uni_x \\
         --vision_encode_layers 9 --vision_decode_layers 5 --num_image_tokens 8192 [--tokenizer_dir <dir>]
     python modeling/conversion.py --from_config configs/model/tiny_uni_x.json --dst <dir>   # random init
-    python modeling/conversion.py --src <mot/moe/dense dir> --dst <dir> --to_dense          # back to Qwen2
+    python modeling/conversion.py --src <mot/moe/dense dir> --dst <dir> --to_dense          # back to Qwen2/Qwen3
+
+Backbone (``UniXConfig.backbone``): a Qwen2/Qwen2.5 source (``model_type="qwen2"``) gives ``qwen2``, a Qwen3 source
+gives ``qwen3``; both are exact (the converted model equals its source on text). ``--backbone qwen3`` with a Qwen2.5
+source is the reference Uni-X's move (it loads Qwen2.5 weights into transformers' Qwen3 classes): the q/k/v biases
+are dropped and the new per-head q/k norms start at ones, so the result is NO LONGER the source model (measured on a
+tiny random model: every logit moves); the conversion logs that it changes the function and by how much the dropped
+biases weighed. Qwen3 -> ``qwen2`` has no such move and is refused.
+
+The reference's released Uni-X checkpoints (its own layout, ``vision_encode_layers`` / ``vision_decode_layers``
+module lists) import with ``import_reference`` and export back with ``export_reference`` (see those functions).
 
 Initialisation (DESIGN.md section 4): every vision branch is a copy of the text layer at the same depth (layer i ->
 encode layer i; layer L-M+i -> decode layer i, which IS layer L-M+i; MoT/MoE: the vision experts copy the text
@@ -38,12 +48,31 @@ from typing import Iterator, NamedTuple
 
 import torch
 from loguru import logger
-from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from modeling import UniXConfig, UniXForCausalLM, build_model
 from modeling.vocab import VISION_END, VISION_START, CodeVocab
 
 QWEN25_VISION_START, QWEN25_VISION_END = 151652, 151653
+# source model_type -> (stock CausalLM class, its config class, the backbone it converts to)
+SOURCE_FAMILIES: dict[str, tuple[type[PreTrainedModel], type[PretrainedConfig], str]] = {
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config, "qwen2"),
+    "qwen3": (Qwen3ForCausalLM, Qwen3Config, "qwen3"),
+}
+BACKBONE_CAUSAL_LM = {backbone: (cls, cfg_cls) for cls, cfg_cls, backbone in SOURCE_FAMILIES.values()}
+QKV_BIAS_DROPPED = (
+    "backbone qwen2 -> qwen3 (the reference's Qwen2.5-into-Qwen3 move): the q/k/v biases are dropped and the per-head "
+    "q/k norms start at ones, so the converted model is NOT the source model (its outputs differ on every input)"
+)
 UNI_X_TO_DENSE_UNDEFINED = (
     "Uni-X -> dense text model is not defined: the separated layers' text branches were trained with the vision "
     "branches beside them (and, with all_modal_visible=1, attending to vision keys), so a model without them is "
@@ -117,38 +146,83 @@ def _init_vocabulary_rows(model: UniXForCausalLM, source_state: dict, kept: int,
         model.resize_token_embeddings(vocab_size, mean_resizing=True)
 
 
-def uni_x_config_from_qwen(src_config: Qwen2Config, vocab: CodeVocab, vocab_layout: str = "compact",
-                           pad_to_multiple_of: int = 64, **fields) -> UniXConfig:
-    """A `UniXConfig` with the source's architecture, our fields, and the vocabulary of `joint_vocab_rows`."""
+def source_backbone(src_config: PretrainedConfig) -> str:
+    """The backbone a source checkpoint converts to exactly (``qwen2`` for Qwen2/Qwen2.5, ``qwen3`` for Qwen3)."""
+    if src_config.model_type not in SOURCE_FAMILIES:
+        raise ValueError(f"source model_type={src_config.model_type!r} is not supported: conversion reads "
+                         f"{sorted(SOURCE_FAMILIES)} checkpoints (Qwen2, Qwen2.5, Qwen3)")
+    return SOURCE_FAMILIES[src_config.model_type][2]
+
+
+def load_source(src: str, dtype: str = "auto") -> PreTrainedModel:
+    """A local Qwen2/Qwen2.5/Qwen3 checkpoint with its stock transformers class (chosen by its ``model_type``)."""
+    config = AutoConfig.from_pretrained(src)
+    source_backbone(config)  # a clear error for other families
+    return SOURCE_FAMILIES[config.model_type][0].from_pretrained(src, dtype=dtype)
+
+
+def uni_x_config_from_qwen(src_config: PretrainedConfig, vocab: CodeVocab, vocab_layout: str = "compact",
+                           pad_to_multiple_of: int = 64, backbone: str | None = None, **fields) -> UniXConfig:
+    """A `UniXConfig` with the source's architecture, our fields, and the vocabulary of `joint_vocab_rows`.
+
+    ``backbone``: None follows the source (exact); ``"qwen3"`` with a Qwen2 source is the reference's move (module
+    docstring): the head width stays the source's (``hidden_size // num_attention_heads``), no attention bias.
+    """
+    own = source_backbone(src_config)
+    backbone = backbone or own
+    if (own, backbone) == ("qwen3", "qwen2"):
+        raise ValueError("backbone='qwen2' from a Qwen3 source is not defined: Qwen2 has no per-head q/k norms to "
+                         "hold the source's q_norm/k_norm; convert with backbone='qwen3' (the default for it)")
     d = src_config.to_dict()
-    for key in ("layer_types", "auto_map"):  # Qwen2-only keys: our layer kinds are derived from our fields
+    for key in ("layer_types", "auto_map"):  # per-family keys: our layer kinds are derived from our fields
         d.pop(key, None)
+    d["backbone"] = backbone
+    if own == "qwen2":  # Qwen2 configs state no head width; Qwen3Config's default (128) must not slip in
+        d["head_dim"] = src_config.hidden_size // src_config.num_attention_heads
+        d["attention_bias"] = False
     d.update({k: v for k, v in fields.items() if v is not None})
     d["vocab_size"] = joint_vocab_rows(src_config.vocab_size, vocab, vocab_layout, pad_to_multiple_of)[1]
     return UniXConfig.from_dict_with_vocab(d, vocab)
 
 
+def _drop_qkv_biases(body: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The reference's Qwen2.5 -> Qwen3 move: Qwen3 attention has no q/k/v bias; say loudly what that costs."""
+    biases = {k: v for k, v in body.items() if k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))}
+    largest = max((float(v.abs().max()) for v in biases.values()), default=0.0)
+    logger.warning("{}; dropped {} bias tensors (largest |bias| {:.4g})", QKV_BIAS_DROPPED, len(biases), largest)
+    return {k: v for k, v in body.items() if k not in biases}
+
+
 @torch.no_grad()
-def convert_qwen(source: Qwen2ForCausalLM, config: UniXConfig, vocab_layout: str = "compact",
+def convert_qwen(source: PreTrainedModel, config: UniXConfig, vocab_layout: str = "compact",
                  seed: int = 0) -> UniXForCausalLM:
-    """Build a ``config.variant`` model initialised from an in-memory Qwen2 model (see the module docstring);
+    """Build a ``config.variant`` model initialised from an in-memory Qwen2/Qwen3 model (see the module docstring);
     ``config`` comes from `uni_x_config_from_qwen` with the same ``vocab_layout``."""
     model = UniXForCausalLM(config).to(source.dtype)
     state = source.state_dict()
     embed_key, head_key = "model.embed_tokens.weight", "lm_head.weight"
     body = {k: v for k, v in state.items() if k not in (embed_key, head_key)}
+    moved = source_backbone(source.config) != config.backbone  # qwen2 -> qwen3 (the reverse is refused earlier)
+    if moved:
+        body = _drop_qkv_biases(body)
     missing, unexpected = model.load_state_dict(body, strict=False)
     if unexpected:
         raise ValueError(f"source keys with no place in the {config.variant} model: {unexpected[:5]}")
+    head_norms = []
+    if moved:  # the new q/k norms start as the identity scale (the reference's Qwen3 init), stated, not assumed
+        params = dict(model.named_parameters())
+        head_norms = [k for k in missing if k.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight"))]
+        for k in head_norms:
+            params[k].fill_(1.0)
     kept, _ = joint_vocab_rows(state[embed_key].shape[0], config.code_vocab, vocab_layout)
     _init_vocabulary_rows(model, state, kept, seed)
     copied = _copy_vision_branches(model, config)
-    left_random = [k for k in missing if k not in copied and k not in (embed_key, head_key)]
+    left_random = [k for k in missing if k not in copied and k not in (embed_key, head_key) and k not in head_norms]
     if left_random:
         logger.warning("{} vision parameters keep their random init (FFN width {} != text width {}): {}",
                        len(left_random), config.vision_ffn_size, config.share_ffn_size, left_random[:4])
-    logger.info("converted Qwen2 -> {} (layer kinds {}), vocab {} -> {}", config.variant, config.layer_kinds,
-                source.config.vocab_size, config.vocab_size)
+    logger.info("converted {} -> {} on backbone {} (layer kinds {}), vocab {} -> {}", source.config.model_type,
+                config.variant, config.backbone, config.layer_kinds, source.config.vocab_size, config.vocab_size)
     return model
 
 
@@ -188,8 +262,9 @@ def vision_text_pairs(model: UniXForCausalLM) -> Iterator[BranchPair]:
 
 
 @torch.no_grad()
-def to_dense_qwen(model: UniXForCausalLM) -> Qwen2ForCausalLM:
-    """Export a plain Qwen2 model where that is exact: dense, or MoT/MoE whose experts all equal the text ones.
+def to_dense_qwen(model: UniXForCausalLM) -> PreTrainedModel:
+    """Export a plain Qwen2 / Qwen3 model (the backbone's family) where that is exact: dense, or MoT/MoE whose experts
+    all equal the text ones.
 
     Uni-X -> dense raises `UNI_X_TO_DENSE_UNDEFINED` (the reason is in the message).
     """
@@ -204,10 +279,14 @@ def to_dense_qwen(model: UniXForCausalLM) -> Qwen2ForCausalLM:
     d = config.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "layer_kinds", "variant",
                 "vision_encode_layers", "vision_decode_layers", "ffn_vision_size", "ffn_share_size",
-                "all_modal_visible", "moe_every_k", "image_offset", "image_level_sizes", "image_max_grid"):
+                "all_modal_visible", "moe_every_k", "image_offset", "image_level_sizes", "image_max_grid", "backbone"):
         d.pop(key, None)
+    if config.backbone == "qwen2":  # Qwen2's config has no such fields; its head width is hidden / heads
+        d.pop("head_dim", None)
+        d.pop("attention_bias", None)
     d["intermediate_size"] = config.share_ffn_size
-    dense = Qwen2ForCausalLM(Qwen2Config(**d)).to(model.dtype)
+    causal_lm, config_class = BACKBONE_CAUSAL_LM[config.backbone]
+    dense = causal_lm(config_class(**d)).to(model.dtype)
     state = {k: v for k, v in model.state_dict().items() if ".vision." not in k and ".vision_mlp." not in k}
     dense.load_state_dict(state, strict=not config.tie_word_embeddings)
     return dense
@@ -234,11 +313,12 @@ def convert(
     vocab_layout: str = "compact",
     pad_to_multiple_of: int = 64,
     seed: int = 0,
+    backbone: str | None = None,
 ) -> str:
     """Write a checkpoint to ``dst`` that loads with ``from_pretrained``; returns ``dst``.
 
     Args:
-        src: a local Qwen2/Qwen2.5 checkpoint dir (or, with ``to_dense``, one of ours).
+        src: a local Qwen2/Qwen2.5/Qwen3 checkpoint dir (or, with ``to_dense``, one of ours).
         num_image_tokens / image_level_sizes: codebook size (single level) or sizes per level.
         tokenizer_dir: sets image_offset = len(tokenizer) and the vision token ids; else use ``image_offset``.
         from_config: build a random-init model from this UniXConfig JSON instead of converting (tiny presets).
@@ -246,6 +326,8 @@ def convert(
         vocab_layout: ``compact`` or ``reference`` rows for the new ids (module docstring).
         pad_to_multiple_of: ``vocab_size`` is rounded up to a multiple of this (1: no padding rows).
         seed: seeds the sampling of the new rows.
+        backbone: None follows the source (exact); ``qwen3`` with a Qwen2/Qwen2.5 source is the reference's move,
+            which changes the function (module docstring; logged as a warning).
     """
     if from_config is not None:
         model = build_model(UniXConfig.from_json_file(from_config))
@@ -254,14 +336,14 @@ def convert(
     elif to_dense:
         model = to_dense_qwen(UniXForCausalLM.from_pretrained(src, dtype=dtype))
     else:
-        source = Qwen2ForCausalLM.from_pretrained(src, dtype=dtype)
+        source = load_source(src, dtype)
         vocab, tokenizer = _vocab_from_args(tokenizer_dir, image_offset, list(image_level_sizes or [num_image_tokens]),
                                  vision_start_token_id, vision_end_token_id)
         config = uni_x_config_from_qwen(
             source.config, vocab, variant=variant, vision_encode_layers=vision_encode_layers,
             vision_decode_layers=vision_decode_layers, ffn_vision_size=ffn_vision_size,
             all_modal_visible=all_modal_visible, moe_every_k=moe_every_k, vocab_layout=vocab_layout,
-            pad_to_multiple_of=pad_to_multiple_of,
+            pad_to_multiple_of=pad_to_multiple_of, backbone=backbone,
         )
         model = convert_qwen(source, config, vocab_layout, seed)
         if tokenizer is not None:  # with the vision tokens if they had to be added

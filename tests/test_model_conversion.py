@@ -1,23 +1,31 @@
-"""Qwen2 checkpoint -> variants: text-only logits preserved; MoT/MoE with copied experts equal dense everywhere."""
+"""Qwen2/Qwen3 checkpoint -> variants: text-only logits preserved; MoT/MoE with copied experts equal dense
+everywhere; the reference's Qwen2.5-into-Qwen3 move is explicit and changes the function."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from modeling.conversion import convert, to_dense_qwen
 from tests.model_fixtures import NUM_CODES, TEXT_VOCAB, VISION_END, VISION_START, documents
 
 SOURCE_VOCAB = 128  # like Qwen2.5: spare rows [96, 128) past the tokenizer's 96 ids; codes take [96, 160)
+SOURCE_FAMILIES = {"qwen2": (Qwen2ForCausalLM, Qwen2Config, {}),
+                   "qwen3": (Qwen3ForCausalLM, Qwen3Config, {"head_dim": 16})}  # Qwen3: heads wider than 32 / 4
 
 
-def _source(tmp_path, tied: bool) -> str:
+def _source(tmp_path, tied: bool, family: str = "qwen2") -> str:
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=SOURCE_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
-    model = Qwen2ForCausalLM(cfg)
-    path = tmp_path / f"qwen_tied{int(tied)}"
+    causal_lm, config_class, extra = SOURCE_FAMILIES[family]
+    cfg = config_class(vocab_size=SOURCE_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied, **extra)
+    model = causal_lm(cfg)
+    with torch.no_grad():  # non-trivial q/k/v biases (Qwen2) and q/k norms (Qwen3): both must reach the result
+        for name, p in model.named_parameters():
+            if name.endswith(("_proj.bias", "_norm.weight")):
+                p.add_(torch.randn_like(p) * 0.5)
+    path = tmp_path / f"{family}_tied{int(tied)}"
     model.save_pretrained(path)
     return str(path)
 
@@ -28,11 +36,13 @@ def _convert(src: str, dst, variant: str, **kw):
     return AutoModelForCausalLM.from_pretrained(dst, attn_implementation="eager")
 
 
+@pytest.mark.parametrize("family", list(SOURCE_FAMILIES))
 @pytest.mark.parametrize("tied", [True, False])
-def test_converted_uni_x_equals_source_on_text(tmp_path, tied):
-    src = _source(tmp_path, tied)
-    base = Qwen2ForCausalLM.from_pretrained(src, attn_implementation="eager")
+def test_converted_uni_x_equals_source_on_text(tmp_path, tied, family):
+    src = _source(tmp_path, tied, family)
+    base = AutoModelForCausalLM.from_pretrained(src, attn_implementation="eager")
     uni_x = _convert(src, tmp_path / "uni_x", "uni_x", vision_encode_layers=1, vision_decode_layers=2)
+    assert uni_x.config.backbone == family  # the source's own family: exact
     # 96 text ids + 64 codes = 160, padded to a multiple of 64
     assert uni_x.config.vocab_size == 192 and uni_x.config.tie_word_embeddings == tied
     assert uni_x.get_input_embeddings().weight.shape[0] == uni_x.get_output_embeddings().weight.shape[0] == 192
@@ -45,8 +55,9 @@ def test_converted_uni_x_equals_source_on_text(tmp_path, tied):
 @pytest.mark.parametrize("variant, kw", [("mot", {}), ("moe", {"moe_every_k": 2}),
                                          ("uni_x", {"vision_encode_layers": 2, "vision_decode_layers": 2,
                                                    "all_modal_visible": 1})])
-def test_copied_experts_equal_dense_on_any_input(tmp_path, variant, kw):
-    src = _source(tmp_path, tied=True)
+@pytest.mark.parametrize("family", list(SOURCE_FAMILIES))
+def test_copied_experts_equal_dense_on_any_input(tmp_path, variant, kw, family):
+    src = _source(tmp_path, tied=True, family=family)
     dense = _convert(src, tmp_path / "dense", "dense")
     other = _convert(src, tmp_path / variant, variant, **kw)
     ids = torch.tensor([sum(documents(), [])])  # text, image and mixed tokens
@@ -66,10 +77,12 @@ def test_narrower_vision_ffn_is_left_random_and_logged(tmp_path):
     assert model.model.layers[0].vision_mlp.up_proj.weight.shape == (48, 32)
 
 
-def test_reverse_conversion(tmp_path):
-    src = _source(tmp_path, tied=False)
+@pytest.mark.parametrize("family", list(SOURCE_FAMILIES))
+def test_reverse_conversion(tmp_path, family):
+    src = _source(tmp_path, tied=False, family=family)
     mot = _convert(src, tmp_path / "mot", "mot")
     dense = to_dense_qwen(mot)
+    assert isinstance(dense, SOURCE_FAMILIES[family][0])
     ids = torch.tensor([sum(documents(), [])])
     torch.testing.assert_close(dense(ids, use_cache=False).logits, mot(ids, use_cache=False).logits)
     uni_x = _convert(src, tmp_path / "uni_x", "uni_x", vision_encode_layers=1, vision_decode_layers=1)
@@ -79,6 +92,44 @@ def test_reverse_conversion(tmp_path):
         mot.model.layers[0].vision.mlp.up_proj.weight.add_(1.0)
     with pytest.raises(ValueError, match="only exact when every vision expert equals"):
         to_dense_qwen(mot)
+
+
+def test_qwen25_into_qwen3_is_explicit_and_changes_the_function(tmp_path):
+    """The reference's move: Qwen2.5 weights in Qwen3 layers. Biases dropped, q/k norms at ones, a logged warning
+    that the model is no longer its source; the result is exactly a stock Qwen3 holding the bias-free weights."""
+    from loguru import logger
+
+    src = _source(tmp_path, tied=True, family="qwen2")
+    base = Qwen2ForCausalLM.from_pretrained(src, attn_implementation="eager")
+    messages = []
+    sink = logger.add(messages.append, level="WARNING")
+    try:
+        moved = _convert(src, tmp_path / "moved", "uni_x", vision_encode_layers=1, vision_decode_layers=1,
+                         backbone="qwen3")
+    finally:
+        logger.remove(sink)
+    assert any("NOT the source model" in m and "dropped 12 bias tensors" in m for m in messages), messages
+    assert moved.config.backbone == "qwen3" and moved.config.head_dim == 8  # the source's width, not Qwen3's 128
+    names = dict(moved.named_parameters())
+    assert not [n for n in names if n.endswith("_proj.bias")]
+    assert all(torch.equal(p, torch.ones_like(p)) for n, p in names.items() if n.endswith(("q_norm.weight",
+                                                                                           "k_norm.weight")))
+    ids = torch.tensor([documents()[0] + documents()[4]])  # text only
+    got = moved(ids, use_cache=False).logits[..., :TEXT_VOCAB]
+    assert (got - base(ids, use_cache=False).logits[..., :TEXT_VOCAB]).abs().max() > 1e-2  # a different function
+    stock = Qwen3ForCausalLM(Qwen3Config(**{**base.config.to_dict(), "model_type": "qwen3", "head_dim": 8,
+                                            "attention_bias": False})).eval()
+    stock.set_attn_implementation("eager")
+    missing, unexpected = stock.load_state_dict(base.state_dict(), strict=False)
+    assert {k.rsplit(".", 2)[-2] for k in missing} == {"q_norm", "k_norm"} and all("bias" in k for k in unexpected)
+    want = stock(ids, use_cache=False).logits[..., :TEXT_VOCAB]
+    assert (got - want).abs().max() < 1e-5
+
+
+def test_qwen3_into_qwen2_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="backbone='qwen2' from a Qwen3 source is not defined"):
+        _convert(_source(tmp_path, tied=True, family="qwen3"), tmp_path / "out", "dense", backbone="qwen2")
+    assert not (tmp_path / "out").exists()
 
 
 def test_model_from_config_alone(tmp_path):
