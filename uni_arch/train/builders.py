@@ -72,7 +72,7 @@ def build_sample_builder(data_args: DataArguments, tokenizer, code_vocab: CodeVo
     kwargs: dict[str, Any] = dict(
         t2i_ratio=data_args.t2i_ratio, cfg_dropout=data_args.cfg_dropout,
         ignore_instruction=bool(data_args.ignore_instruction), size_tags=data_args.size_tags,
-        system_prompt=data_args.system_prompt,
+        system_prompt=data_args.system_prompt, template_name=data_args.chat_template,
     )
     if data_args.template_dir:
         kwargs["template_dir"] = data_args.template_dir

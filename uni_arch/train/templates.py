@@ -123,20 +123,50 @@ ROLES = ("system", "human", "gpt")
 
 @dataclass(frozen=True)
 class RoleFormat:
-    """How one role's turn is written: ``start`` content ``end`` ``separator``.
+    """How one role's turn is written: ``start`` [prefix] content ``end`` ``separator``.
 
     ``start`` (the header) is masked; ``end`` is trained on ``gpt`` turns (it is the stop token) and masked
-    otherwise; ``separator`` is never trained.
+    otherwise; ``separator`` is never trained. ``prefix`` (optional, YAML list) is part of the *content*: one of its
+    alternatives is drawn per turn with the sample's rng (the first at inference) and trained with the content. It
+    exists for the reference's SFT turns, ``"\n" * random.randint(1, 3) + value`` with the newlines of an answer
+    trained.
     """
 
     start: str
     end: str
     separator: str
+    prefix: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TurnLayout:
+    """The roles a sample's turns are written with, the text that opens a reply at inference, and where images go.
+
+    ``images_first``: the images of prompt (non-``gpt``) turns are written before the first turn and their
+    placeholders (with one newline right after each, LLaVA's ``<image>\n``) leave the text: the reference's VQA
+    layout, one image block and then the turns. Images of ``gpt`` turns stay where they are.
+    """
+
+    roles: dict[str, RoleFormat]
+    generation_prompt: str
+    images_first: bool = False
 
 
 @dataclass(frozen=True)
 class ChatFormat:
-    """The training-side description of a chat template (``configs/chat_templates/<name>.yaml``)."""
+    """The training-side description of a chat template (``configs/chat_templates/<name>.yaml``).
+
+    Optional keys (absent from chatml/plain and from checkpoints saved before they existed, which load unchanged):
+
+    * ``t2i_instruction`` may be a list: one is drawn per text-to-image sample with the sample's rng (uniformly, as
+      the reference's ``random.choice``); inference prompts use the first.
+    * ``conversation``: ``{roles, generation_prompt, images_first}``, the layout of conversation / edit records and
+      of chat prompts at inference when it differs from the one of t2i / captioning samples (``roles`` /
+      ``generation_prompt``), as the reference's SFT turns differ from its pretraining pairs.
+    * ``split_turns``: each turn (and the generation prompt) is tokenized on its own, so BPE never merges across a
+      turn boundary (the reference tokenizes every message separately); default False joins the whole text run,
+      as ``apply_chat_template`` does.
+    """
 
     chat_template: str
     roles: dict[str, RoleFormat]
@@ -145,10 +175,14 @@ class ChatFormat:
     interleaved_separator: str
     image_placeholder: str
     system_prompt: str | None
-    t2i_instruction: str
+    t2i_instruction: str | tuple[str, ...]
     unconditional_prompt: str
     i2t_questions: tuple[str, ...]
+    conversation: TurnLayout | None = None
+    split_turns: bool = False
     source: str = ""
+
+    OPTIONAL = ("conversation", "split_turns")
 
     @classmethod
     def load(cls, template_dir: str | Path | None = None, name: str = "chatml") -> "ChatFormat":
@@ -157,6 +191,23 @@ class ChatFormat:
             raise FileNotFoundError(f"chat format {path} not found (template_dir holds <name>.yaml and its jinja)")
         return cls.from_dict(yaml.safe_load(path.read_text(encoding="utf-8")), source=str(path))
 
+    @staticmethod
+    def _roles(raw: Any, where: str) -> dict[str, RoleFormat]:
+        if not isinstance(raw, dict) or set(raw) != set(ROLES):
+            raise ValueError(f"{where} must describe exactly {', '.join(ROLES)}, got {raw!r}")
+        roles = {}
+        for name, spec in raw.items():
+            try:
+                spec = dict(spec)
+                prefix = spec.pop("prefix", [])
+                if isinstance(prefix, str) or not all(isinstance(p, str) for p in prefix):
+                    raise TypeError(f"prefix must be a list of strings, got {prefix!r}")
+                roles[name] = RoleFormat(**spec, prefix=tuple(prefix))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{where}.{name}: each role needs exactly start, end and separator, and may have "
+                                 f"a prefix list ({e})") from e
+        return roles
+
     @classmethod
     def from_dict(cls, raw: Any, source: str) -> "ChatFormat":
         """Validate a format's fields (a YAML file's, or the copy a checkpoint carries); errors name ``source``."""
@@ -164,29 +215,73 @@ class ChatFormat:
         known = {f for f in cls.__dataclass_fields__ if f != "source"}
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a mapping of {sorted(known)}")
-        unknown, missing = set(raw) - known, known - set(raw)
+        unknown, missing = set(raw) - known, known - set(raw) - set(cls.OPTIONAL)
         if unknown or missing:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
-        if not isinstance(raw["roles"], dict) or set(raw["roles"]) != set(ROLES):
-            raise ValueError(f"{path}: roles must describe exactly {', '.join(ROLES)}, got {raw['roles']!r}")
         raw = dict(raw)  # never mutate the caller's dict
-        try:
-            raw["roles"] = {name: RoleFormat(**spec) for name, spec in raw["roles"].items()}
-        except TypeError as e:
-            raise ValueError(f"{path}: roles: each role needs exactly start, end and separator ({e})") from e
-        if "{prompt}" not in raw["t2i_instruction"]:
-            raise ValueError(f"{path}: t2i_instruction must contain '{{prompt}}', got {raw['t2i_instruction']!r}")
+        raw["roles"] = cls._roles(raw["roles"], f"{path}: roles")
+        instructions = raw["t2i_instruction"]
+        if isinstance(instructions, list):
+            instructions = raw["t2i_instruction"] = tuple(instructions)
+        for instruction in instructions if isinstance(instructions, tuple) else (instructions,):
+            if not isinstance(instruction, str) or "{prompt}" not in instruction:
+                raise ValueError(f"{path}: t2i_instruction must contain '{{prompt}}', got {instruction!r}")
+        if not instructions:
+            raise ValueError(f"{path}: t2i_instruction must not be an empty list")
         if not raw["i2t_questions"]:
             raise ValueError(f"{path}: i2t_questions must not be empty")
         raw["i2t_questions"] = tuple(raw["i2t_questions"])
+        if raw.get("conversation") is not None:
+            conv = raw["conversation"]
+            if not isinstance(conv, dict) or not {"roles", "generation_prompt"} <= set(conv) <= {
+                    "roles", "generation_prompt", "images_first"}:
+                raise ValueError(f"{path}: conversation must be a mapping of roles, generation_prompt and optionally "
+                                 f"images_first, got {conv!r}")
+            raw["conversation"] = TurnLayout(cls._roles(conv["roles"], f"{path}: conversation.roles"),
+                                             conv["generation_prompt"], bool(conv.get("images_first", False)))
+        if not isinstance(raw.get("split_turns", False), bool):
+            raise ValueError(f"{path}: split_turns must be true or false, got {raw['split_turns']!r}")
         return cls(**raw, source=str(path))
 
+    @staticmethod
+    def _roles_dict(roles: dict[str, RoleFormat]) -> dict[str, dict[str, Any]]:
+        out = {}
+        for name, role in roles.items():
+            out[name] = {"start": role.start, "end": role.end, "separator": role.separator}
+            if role.prefix:
+                out[name]["prefix"] = list(role.prefix)
+        return out
+
     def to_dict(self) -> dict[str, Any]:
-        """The fields as the YAML file holds them (inverse of :meth:`from_dict`, ``source`` left out)."""
-        d = {f: getattr(self, f) for f in self.__dataclass_fields__ if f != "source"}
-        d["roles"] = {name: vars(role).copy() for name, role in self.roles.items()}
+        """The fields as the YAML file holds them (inverse of :meth:`from_dict`, ``source`` left out; optional keys
+        only when set, so a chatml checkpoint's copy is what it was before they existed)."""
+        d = {f: getattr(self, f) for f in self.__dataclass_fields__ if f not in ("source", *self.OPTIONAL)}
+        d["roles"] = self._roles_dict(self.roles)
         d["i2t_questions"] = list(self.i2t_questions)
+        if isinstance(self.t2i_instruction, tuple):
+            d["t2i_instruction"] = list(self.t2i_instruction)
+        if self.conversation is not None:
+            c = self.conversation
+            d["conversation"] = {"roles": self._roles_dict(c.roles), "generation_prompt": c.generation_prompt,
+                                 "images_first": c.images_first}
+        if self.split_turns:
+            d["split_turns"] = True
         return d
+
+    @property
+    def t2i_instructions(self) -> tuple[str, ...]:
+        """The text-to-image instructions; the first is the one inference uses."""
+        return self.t2i_instruction if isinstance(self.t2i_instruction, tuple) else (self.t2i_instruction,)
+
+    @property
+    def pair_layout(self) -> TurnLayout:
+        """The layout of text-to-image and captioning samples (and of t2i prompts at inference)."""
+        return TurnLayout(self.roles, self.generation_prompt)
+
+    @property
+    def chat_layout(self) -> TurnLayout:
+        """The layout of conversation / edit records and of chat prompts at inference."""
+        return self.conversation if self.conversation is not None else self.pair_layout
 
     def jinja_path(self) -> Path:
         return Path(self.source).parent / self.chat_template
@@ -242,12 +337,14 @@ class _Images:
     record_id: str
     images: list[ImageCodes]
     used: int = 0
+    order: list[int] | None = None  # consumption order when it is not the list's (TurnLayout.images_first)
 
     def pop(self, placeholder: str) -> tuple[str, ImageCodes]:
         if self.used >= len(self.images):
             raise SampleError(f"record {self.record_id!r}: more {placeholder} placeholders than images ({len(self.images)})")
+        index = self.order[self.used] if self.order is not None else self.used
         self.used += 1
-        return f"record {self.record_id!r}: images[{self.used - 1}]", self.images[self.used - 1]
+        return f"record {self.record_id!r}: images[{index}]", self.images[index]
 
 
 # ------------------------------------------------------------------------------------------ the builder
@@ -307,8 +404,13 @@ class SampleBuilder:
         self.size_tags, self.fixed_grid = size_tags, (tuple(fixed_grid) if fixed_grid is not None else None)
         self.format = chat_format if chat_format is not None else ChatFormat.load(template_dir, template_name)
         self.system_prompt = system_prompt if system_prompt is not None else self.format.system_prompt
-        answer_end = self.format.roles["gpt"].end
-        self.answer_end_id = self._single_id(answer_end, "roles.gpt.end") if answer_end else None  # the stop token
+        ends = {"roles.gpt.end": self.format.roles["gpt"].end}
+        if self.format.conversation is not None:
+            ends["conversation.roles.gpt.end"] = self.format.conversation.roles["gpt"].end
+        end_ids = {what: self._single_id(end, what) for what, end in ends.items() if end}
+        # The stop token of a chat reply (None: answers have no end token, as the reference's SFT turns).
+        chat_end = "conversation.roles.gpt.end" if self.format.conversation is not None else "roles.gpt.end"
+        self.answer_end_id = end_ids.get(chat_end)
         self.document_eos_id = self._single_id(self.format.document_eos, "document_eos")
 
     def _single_id(self, token: str, what: str) -> int:
@@ -353,20 +455,53 @@ class SampleBuilder:
             w.text(piece, trained)
 
     # ---------------------------------------------------------------------------------------- renderers
-    def _chat(self, w: _Writer, turns: list[dict[str, str]], images: _Images, rid: str) -> None:
+    @staticmethod
+    def _draw(alternatives: Sequence[str], rng: random.Random | None) -> str:
+        """One of ``alternatives`` (uniformly, from the sample's rng); the first at inference (``rng=None``). A single
+        alternative draws nothing, so formats without choices consume the rng exactly as before."""
+        if not alternatives:
+            return ""
+        return alternatives[0] if rng is None or len(alternatives) == 1 else rng.choice(alternatives)
+
+    def _hoist_images(self, w: _Writer, turns: list[dict[str, str]], images: _Images) -> list[dict[str, str]]:
+        """``images_first``: write the prompt turns' images now and return the turns without their placeholders."""
+        ph = self.format.image_placeholder
+        prompt_idx, answer_idx, k = [], [], 0
+        for turn in turns:
+            n = turn["value"].count(ph)
+            (answer_idx if turn["from"] == "gpt" else prompt_idx).extend(range(k, k + n))
+            k += n
+        images.order = prompt_idx + answer_idx  # gpt turns then take theirs, in order, where they stand
+        train_prompt = not self.ignore_instruction
+        for _ in prompt_idx:
+            where, image = images.pop(ph)
+            self._image(w, image, where, train_prompt, train_prompt)
+        return [turn if turn["from"] == "gpt" else {**turn, "value": turn["value"].replace(ph + "\n", "").replace(ph, "")}
+                for turn in turns]
+
+    def _chat(self, w: _Writer, turns: list[dict[str, str]], images: _Images, rid: str, layout: TurnLayout,
+              rng: random.Random | None) -> None:
+        """Chat turns in ``layout``; ``rng`` draws the role prefixes (None at inference: the first of each)."""
         train_prompt = not self.ignore_instruction
         if self.system_prompt and not (turns and turns[0]["from"] == "system"):
             turns = [{"from": "system", "value": self.system_prompt}] + list(turns)
         for t, turn in enumerate(turns):
-            if turn["from"] not in self.format.roles:
+            if turn["from"] not in layout.roles:
                 raise SampleError(f"record {rid!r}: conversations[{t}].from={turn['from']!r} is not one of {ROLES}")
-            role = self.format.roles[turn["from"]]
+        if layout.images_first:
+            turns = self._hoist_images(w, turns, images)
+        for turn in turns:
+            role = layout.roles[turn["from"]]
             answer = turn["from"] == "gpt"
             trained = answer or train_prompt
+            prefix = self._draw(role.prefix, rng)
             w.text(role.start, train_prompt)
-            self._content(w, turn["value"], images, trained, opens_answer=answer)
+            w.text(prefix, trained)
+            self._content(w, turn["value"], images, trained, opens_answer=answer and not prefix)
             w.text(role.end, trained)
             w.text(role.separator, train_prompt)
+            if self.format.split_turns:
+                w.flush()
 
     def _document(self, w: _Writer, turns: list[dict[str, str]], images: _Images) -> None:
         prev_trained = None
@@ -379,8 +514,10 @@ class SampleBuilder:
         w.ids([self.document_eos_id], True)
 
     def _t2i_turns(self, caption: str, rng: random.Random) -> list[dict[str, str]]:
-        dropped = rng.random() < self.cfg_dropout
-        prompt = self.format.unconditional_prompt if dropped else self.format.t2i_instruction.format(prompt=caption)
+        if rng.random() < self.cfg_dropout:
+            prompt = self.format.unconditional_prompt
+        else:
+            prompt = self._draw(self.format.t2i_instructions, rng).format(prompt=caption)
         return [{"from": "human", "value": prompt}, {"from": "gpt", "value": self.format.image_placeholder}]
 
     def _i2t_turns(self, caption: str, rng: random.Random) -> list[dict[str, str]]:
@@ -424,7 +561,8 @@ class SampleBuilder:
         if kind == "interleaved":
             self._document(w, turns, images)
         else:
-            self._chat(w, turns, images, rid)
+            layout = self.format.pair_layout if kind in ("t2i", "i2t") else self.format.chat_layout
+            self._chat(w, turns, images, rid, layout, rng)
         return w.finish(kind)
 
     def t2i_prompt_ids(self, prompt: str | None, grid: Sequence[int] | None = None) -> list[int]:
@@ -433,17 +571,22 @@ class SampleBuilder:
         ``prompt=None`` gives the unconditional prompt (CFG). Ends with ``<|vision_start|>`` and, when this builder
         would tag ``grid``, its size tag. Inference and training share this one rendering.
         """
-        value = self.format.unconditional_prompt if prompt is None else self.format.t2i_instruction.format(prompt=prompt)
-        ids = self.chat_prompt_ids([{"from": "human", "value": value}], [])
+        value = self.format.unconditional_prompt if prompt is None else self.format.t2i_instructions[0].format(prompt=prompt)
+        ids = self._prompt_ids([{"from": "human", "value": value}], [], self.format.pair_layout)
         ids.append(self.code_vocab.vision_start_id)
         return ids + (self.size_tag_ids_for(grid) if grid is not None else [])
 
     def chat_prompt_ids(self, turns: list[dict[str, str]], images: list[ImageCodes]) -> list[int]:
-        """Render ``turns`` (record-style ``from``/``value``) plus the generation prompt: the input for a reply."""
+        """Render ``turns`` (record-style ``from``/``value``) plus the generation prompt: the input for a reply.
+
+        Conversation layout (``ChatFormat.chat_layout``); role prefixes take their first alternative."""
+        return self._prompt_ids(turns, images, self.format.chat_layout)
+
+    def _prompt_ids(self, turns: list[dict[str, str]], images: list[ImageCodes], layout: TurnLayout) -> list[int]:
         n_ph = sum(turn["value"].count(self.format.image_placeholder) for turn in turns)
         if n_ph != len(images):
             raise SampleError(f"prompt: {n_ph} {self.format.image_placeholder} placeholder(s) but {len(images)} image(s)")
         w = _Writer(self.tokenizer, self.code_vocab)
-        self._chat(w, turns, _Images("prompt", list(images)), "prompt")
-        w.text(self.format.generation_prompt, False)
+        self._chat(w, turns, _Images("prompt", list(images)), "prompt", layout, None)
+        w.text(layout.generation_prompt, False)
         return w.finish("conversation").input_ids
