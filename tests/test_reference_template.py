@@ -151,7 +151,8 @@ def sft_samples(enc):
     return out
 
 
-@pytest.mark.parametrize("first", ["<image>\nWhat colour is it?", "<image>What colour is it?", "What colour is it?<image>"])
+@pytest.mark.parametrize("first", ["<image>\nWhat colour is it?", "<image>What colour is it?",
+                                   "What colour is it?<image>"])
 def test_sft_turns_newlines_no_role_tags_no_eos(qwen, sft_samples, first):
     """Image first, then every message as 1 to 3 newlines + value (each drawn uniformly, per turn, from the
     sample's rng); no role tags, no EOS; answers trained with their newlines."""

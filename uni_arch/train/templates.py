@@ -5,8 +5,10 @@ whether it is trained, so nothing is reconstructed from token counts afterwards.
 
 Chat markup comes from files, not code. ``configs/chat_templates/<name>.yaml`` holds each role's start/end/separator,
 the document EOS, the text-to-image instruction, the unconditional prompt and the captioning questions;
-``<name>.jinja`` holds the same format for ``tokenizer.apply_chat_template``. Two formats ship: ``chatml`` (Qwen2.5's
-layout, the default) and ``plain`` (no markup: the reference Uni-X prompts). For a text-only conversation the
+``<name>.jinja`` holds the same format for ``tokenizer.apply_chat_template``. Three formats ship: ``chatml`` (Qwen2.5's
+layout, the default), ``plain`` (no markup: the reference Uni-X prompts) and ``reference`` (the reference's samples
+token for token: random instruction and newline choices, pairs and SFT turns laid out differently, each turn
+tokenized on its own; see :class:`ChatFormat`'s optional keys). For a text-only conversation in chatml or plain the
 renderer produces exactly the ids of ``apply_chat_template`` (tested), because consecutive text pieces are joined
 into one string and tokenized at once, as the jinja path does; per-character trained flags are carried through the
 tokenizer's offset mapping. A token is trained if any of its characters is (so a BPE token that merges the header's
@@ -476,8 +478,8 @@ class SampleBuilder:
         for _ in prompt_idx:
             where, image = images.pop(ph)
             self._image(w, image, where, train_prompt, train_prompt)
-        return [turn if turn["from"] == "gpt" else {**turn, "value": turn["value"].replace(ph + "\n", "").replace(ph, "")}
-                for turn in turns]
+        strip = lambda value: value.replace(ph + "\n", "").replace(ph, "")  # noqa: E731
+        return [turn if turn["from"] == "gpt" else {**turn, "value": strip(turn["value"])} for turn in turns]
 
     def _chat(self, w: _Writer, turns: list[dict[str, str]], images: _Images, rid: str, layout: TurnLayout,
               rng: random.Random | None) -> None:
@@ -571,7 +573,8 @@ class SampleBuilder:
         ``prompt=None`` gives the unconditional prompt (CFG). Ends with ``<|vision_start|>`` and, when this builder
         would tag ``grid``, its size tag. Inference and training share this one rendering.
         """
-        value = self.format.unconditional_prompt if prompt is None else self.format.t2i_instructions[0].format(prompt=prompt)
+        instruction = self.format.t2i_instructions[0]
+        value = self.format.unconditional_prompt if prompt is None else instruction.format(prompt=prompt)
         ids = self._prompt_ids([{"from": "human", "value": value}], [], self.format.pair_layout)
         ids.append(self.code_vocab.vision_start_id)
         return ids + (self.size_tag_ids_for(grid) if grid is not None else [])
