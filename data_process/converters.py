@@ -12,8 +12,8 @@ encoder's sharding and resume rely on that. Converters never read image pixels: 
 stream and only opens the images of the items it owns (:meth:`ImageSource.read_bytes`).
 
 Formats: ``image_folder`` (captions jsonl), ``webdataset`` (tar shards, stdlib ``tarfile``), ``llava`` (LLaVA /
-ILLUME conversations: understanding, text-to-image, two-image editing), ``uni_x_ref`` (the Uni-X reference jsonl
-with ``vqcode_512``) and ``text_jsonl``.
+ILLUME conversations: understanding, text-to-image, two-image editing), ``uni_x_ref`` (the Uni-X reference rows, converted
+by ``data_process.schema.record_from_reference``, the same conversion training applies at read time) and ``text_jsonl``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from data_process.data_config import DatasetSpec
-from data_process.schema import IMAGE_PLACEHOLDER, ImageCodes, Record
+from data_process.schema import IMAGE_PLACEHOLDER, ROLE_ALIASES, Record, RecordError, record_from_reference
 from modeling.vq.preprocess import decode_image
 
 if TYPE_CHECKING:
@@ -38,9 +38,6 @@ BAD_CODES = "bad_codes"
 UNREADABLE_SHARD = "unreadable_shard"
 
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp")  # webdataset image keys, by preference
-_ROLE_ALIASES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt", "system": "system"}
-# Uni-X reference data_type -> our record type (the reference's collator treats all i2t variants alike).
-UNI_X_DATA_TYPES = {"text": "text", "image_text": "image_text", "t2i": "t2i", "i2t": "i2t", "i2t_reverse": "i2t"}
 
 
 @dataclass(frozen=True)
@@ -218,7 +215,7 @@ def _llava_row(spec: DatasetSpec, ctx: _Ctx, obj: dict) -> Item:
         return ctx.bad(BAD_RECORD, f"{where}: conversations: missing or empty")
     convs: list[dict[str, str]] = []
     for i, turn in enumerate(raw_convs):
-        role = _ROLE_ALIASES.get(turn.get("from", turn.get("role"))) if isinstance(turn, dict) else None
+        role = ROLE_ALIASES.get(turn.get("from", turn.get("role"))) if isinstance(turn, dict) else None
         value = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
         if role is None or not isinstance(value, str):
             return ctx.bad(BAD_RECORD, f"{where}: conversations[{i}]: must be {{'from': human|gpt|system, 'value': str}}")
@@ -238,39 +235,20 @@ def _llava_row(spec: DatasetSpec, ctx: _Ctx, obj: dict) -> Item:
 
 
 # ---------------------------------------------------------------------------------------------- uni_x_ref
-def _uni_x_ref_codes(spec: DatasetSpec, ctx: _Ctx, raw: Any) -> ImageCodes | BadItem:
-    where, field_name = ctx.where, spec.code_field
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as e:
-            return ctx.bad(BAD_CODES, f"{where}: {field_name}: not a JSON list ({e.msg})")
-    if not isinstance(raw, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in raw):
-        return ctx.bad(BAD_CODES, f"{where}: {field_name}: must be a list of integers")
-    h, w = spec.grid
-    if len(raw) != h * w:
-        return ctx.bad(BAD_CODES, f"{where}: {field_name}: {len(raw)} codes, grid {h}x{w} needs {h * w}")
-    bad = [c for c in raw if not 0 <= c < spec.codebook_size]
-    if bad:
-        return ctx.bad(BAD_CODES, f"{where}: {field_name}: code {bad[0]} outside the codebook [0, {spec.codebook_size})")
-    return ImageCodes(codes=raw, grid=(h, w), tokenizer=spec.tokenizer_name)
-
-
 def _uni_x_ref_row(spec: DatasetSpec, ctx: _Ctx, obj: dict) -> Item:
-    """Uni-X reference row ``{data_type, text | caption, vqcode_512}``: already encoded, converted as is."""
-    where = ctx.where
-    data_type = obj.get("data_type") or "text"
-    if data_type not in UNI_X_DATA_TYPES:
-        return ctx.bad(BAD_RECORD, f"{where}: data_type: {data_type!r} is not one of {', '.join(UNI_X_DATA_TYPES)}")
-    text = next((v for v in (obj.get("text"), obj.get("caption")) if isinstance(v, str) and v.strip()), None)
-    if text is None:
-        return ctx.bad(BAD_RECORD, f"{where}: text: missing (neither text nor caption is a non-empty string)")
-    record = Record(id=ctx.id, type=UNI_X_DATA_TYPES[data_type], text=text, meta=ctx.meta())
-    if record.type != "text":
-        codes = _uni_x_ref_codes(spec, ctx, obj.get(spec.code_field))
-        if isinstance(codes, BadItem):
-            return codes
-        record.images = [codes]
+    """Uni-X reference row (``data_type``, ``text``/``caption``, ``vqcode_512``, FineVision turns, alpaca,
+    ``input_ids``, ``conversations``): already encoded, converted as training reads it; codes checked against the
+    codebook that made them."""
+    try:
+        record = record_from_reference(obj, ctx.file, ctx.line, code_field=spec.code_field, grid=tuple(spec.grid),
+                                       image_tokenizer=spec.tokenizer_name)
+    except RecordError as e:
+        return ctx.bad(BAD_CODES if e.field == spec.code_field else BAD_RECORD, str(e))
+    codes = record.images[0].codes if record.images else []
+    bad = [c for c in codes if c >= spec.codebook_size]
+    if bad:
+        return ctx.bad(BAD_CODES, f"{ctx.where}: {spec.code_field}: code {bad[0]} outside the codebook [0, {spec.codebook_size})")
+    record.id, record.meta = ctx.id, ctx.meta()
     return WorkItem(ctx.id, record, [], ctx.file, ctx.line)
 
 

@@ -106,7 +106,7 @@ def build_train_dataset(data_args: DataArguments, training_args: UniTrainingArgu
     """
     from uni_arch.train import dataset as ds
 
-    sources = ds.parse_data_path(data_args.data_path)
+    sources = ds.parse_data_path(data_args.data_path, data_args.percentages)
     common = dict(seq_len=data_args.model_max_length, mode=data_args.use_data_packing, overlong=data_args.overlong,
                   percentage=data_args.data_percentage, seed=data_args.shuffle_seed,
                   skip_bad_records=data_args.skip_bad_records)

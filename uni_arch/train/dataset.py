@@ -1,9 +1,17 @@
 """Records -> rendered samples -> packed rows, as a map-style dataset or a stream.
 
-``data_path`` names one or more sources, each a file, a glob or a folder of ``*.jsonl`` record shards, with an
-optional mixing weight: ``data/shapes_codes/shapes_captions:0.7,data/shapes_codes/shapes_text/*.jsonl:0.3``.
-Weights are mixture proportions: the epoch keeps the total number of selected records and each source is up- or
-down-sampled (deterministically, with ``shuffle_seed``) to its share.
+``data_path`` names one or more sources, each a file, a glob or a folder of ``*.jsonl`` / ``*.parquet`` record
+shards (this toolkit's records or the reference's rows: ``data_process.schema.record_from_row``), in one of two
+spellings:
+
+* this toolkit's, with optional mixing weights: ``data/shapes_codes/shapes_captions:0.7,data/more/*.jsonl:0.3``.
+  Weights are mixture proportions: the epoch keeps the total number of selected records and each source is up- or
+  down-sampled (deterministically, with ``shuffle_seed``) to its share; a source without a weight has weight 1.
+* the reference's, ``a^^b^^c``: the sources are concatenated (each weighs what it holds), and the reference's
+  ``percentage`` knob gives one fraction for all or one per source (``0.5^^1.0^^0.2``).
+
+A fraction (``data_percentage``, or a source's own percentage) keeps a seeded random subset of the source, the
+same records in every epoch; the reference kept the first rows of each source instead.
 
 **Validation first.** Every record is parsed and its image codes are range-checked against the code vocabulary
 *before* training starts: a malformed record or an out-of-range code stops the run with ``file:line: field:
@@ -36,7 +44,6 @@ from __future__ import annotations
 
 import glob
 import itertools
-import json
 import math
 import random
 from dataclasses import dataclass
@@ -47,12 +54,14 @@ import numpy as np
 from loguru import logger
 from tqdm import tqdm
 
-from data_process.schema import Record, RecordError, record_from_dict
+from data_process.schema import Record, RecordError, iter_rows, record_from_row
 from modeling.vocab import CodeVocab
 from uni_arch.train.packing import Span, pack, padded_utilisation
 from uni_arch.train.templates import SampleError
 
 NOT_RECORDS = frozenset({"errors.jsonl"})  # bookkeeping files of data_process/encode_images.py
+RECORD_SUFFIXES = (".jsonl", ".parquet")
+REFERENCE_SEPARATOR = "^^"  # the reference's data_path (and percentage) separator
 
 
 class SampleLike(Protocol):
@@ -67,11 +76,13 @@ class SampleBuilderLike(Protocol):
 
 @dataclass(frozen=True)
 class Source:
-    """One entry of ``data_path``: its files (sorted, so the order is reproducible) and its mixing weight."""
+    """One entry of ``data_path``: its files (sorted, so the order is reproducible), its mixing weight (None: as many
+    records as it holds, the reference's concatenation) and its own fraction (None: ``data_percentage``)."""
 
     spec: str
     files: tuple[Path, ...]
-    weight: float
+    weight: float | None
+    percentage: float | None = None
 
 
 @dataclass(frozen=True)
@@ -104,34 +115,50 @@ def _split_weight(item: str) -> tuple[str, float]:
     return item, 1.0
 
 
-def parse_data_path(spec: str) -> list[Source]:
-    """Resolve ``data_path`` into sources; a source that matches no jsonl file is an error naming it."""
-    sources = []
-    for item in (s.strip() for s in spec.split(",")):
-        if not item:
-            continue
-        path, weight = _split_weight(item)
-        if not weight > 0:
-            raise ValueError(f"data_path: source {item!r} has weight {weight}; weights must be positive")
-        p = Path(path)
-        if any(ch in path for ch in "*?["):
-            files = sorted(Path(f) for f in glob.glob(path, recursive=True) if f.endswith(".jsonl"))
-        elif p.is_dir():  # every record shard below it, minus hidden paths and the encoder's errors.jsonl
-            files = sorted(f for f in p.rglob("*.jsonl") if f.name not in NOT_RECORDS
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
-        else:
-            files = [p] if p.is_file() else []
-        if not files:
-            raise FileNotFoundError(f"data_path: source {path!r} matches no .jsonl record file")
-        sources.append(Source(item, tuple(files), weight))
-    if not sources:
+def _source_files(path: str) -> tuple[Path, ...]:
+    p = Path(path)
+    if any(ch in path for ch in "*?["):
+        files = sorted(Path(f) for f in glob.glob(path, recursive=True) if f.endswith(RECORD_SUFFIXES))
+    elif p.is_dir():  # every record shard below it, minus hidden paths and the encoder's errors.jsonl
+        files = sorted(f for f in p.rglob("*") if f.suffix in RECORD_SUFFIXES and f.name not in NOT_RECORDS
+                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
+    else:
+        files = [p] if p.is_file() else []
+    if not files:
+        raise FileNotFoundError(f"data_path: source {path!r} matches no .jsonl or .parquet record file")
+    return tuple(files)
+
+
+def parse_data_path(spec: str, percentages: Sequence[float] | None = None) -> list[Source]:
+    """Resolve ``data_path`` (either spelling, see the module doc) into sources; a source that matches no record
+    file is an error naming it. ``percentages``: the reference's per-source fractions, one for all or one each."""
+    reference = REFERENCE_SEPARATOR in spec
+    items = [s.strip() for s in spec.split(REFERENCE_SEPARATOR if reference else ",")]
+    items = [s for s in items if s]
+    if not items:
         raise ValueError(f"data_path={spec!r} names no source")
+    if percentages is not None and len(percentages) not in (1, len(items)):
+        raise ValueError(f"percentage gives {len(percentages)} fractions for the {len(items)} sources of "
+                         f"data_path={spec!r}: give one for all or one per source")
+    sources = []
+    for k, item in enumerate(items):
+        path, weight = (item, None) if reference else _split_weight(item)
+        if weight is not None and not weight > 0:
+            raise ValueError(f"data_path: source {item!r} has weight {weight}; weights must be positive")
+        pct = None if percentages is None else percentages[k if len(percentages) > 1 else 0]
+        sources.append(Source(item, _source_files(path), weight, pct))
     return sources
 
 
 # --------------------------------------------------------------------------------------- validation
 def check_record_codes(record: Record, vocab: CodeVocab, path: str | Path | None, line: int | None) -> None:
-    """Raise :class:`RecordError` if any image code is outside the configured codebook (never clamp)."""
+    """Raise :class:`RecordError` if any image code is outside the configured codebook (never clamp), or a
+    pre-tokenised id is not a text id."""
+    if record.input_ids is not None:
+        bad = next((k for k, i in enumerate(record.input_ids) if i >= vocab.image_offset), None)
+        if bad is not None:
+            raise RecordError(path, line, "input_ids", f"id {record.input_ids[bad]} at position {bad} is not a text id "
+                              f"(the text vocabulary ends at {vocab.image_offset}): tokenize with this model's tokenizer")
     for i, image in enumerate(record.images):
         try:
             vocab.codes_to_ids(image.codes, 0 if image.levels is None else image.levels)
@@ -161,42 +188,49 @@ def iter_source_records(source: Source, vocab: CodeVocab, on_bad: BadRecordCount
     """Every valid record of a source with its place, in file order; bad ones go to ``on_bad`` (raises unless
     skipping)."""
     for path in source.files:
-        with open(path, encoding="utf-8") as f:
-            for lineno, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    try:
-                        obj = json.loads(raw)
-                    except json.JSONDecodeError as e:
-                        raise RecordError(path, lineno, "<json>", f"malformed json ({e.msg} at column {e.colno})") from e
-                    record = record_from_dict(obj, path, lineno)
-                    check_record_codes(record, vocab, path, lineno)
-                except RecordError as e:
-                    on_bad(e)
-                    continue
-                yield Located(record, path, lineno)
+        for lineno, obj in iter_rows(path, on_bad):
+            try:
+                record = record_from_row(obj, path, lineno)
+                check_record_codes(record, vocab, path, lineno)
+            except RecordError as e:
+                on_bad(e)
+                continue
+            yield Located(record, path, lineno)
 
 
 # ------------------------------------------------------------------------------------------- mixing
-def mix_indices(sizes: Sequence[int], weights: Sequence[float], percentage: float, seed: int,
+def _percentages(sources: Sequence[Source], default: float) -> list[float]:
+    """Each source's own fraction (the reference's ``percentage``), else ``data_percentage``."""
+    return [default if s.percentage is None else s.percentage for s in sources]
+
+
+def mix_indices(sizes: Sequence[int], weights: Sequence[float | None], percentage: float | Sequence[float], seed: int,
                 epoch: int = 0) -> list[tuple[int, int]]:
-    """``(source, index)`` pairs of one epoch: each source shuffled, cut to ``percentage``, resampled to its weight.
+    """``(source, index)`` pairs of one epoch: each source shuffled, cut to its ``percentage`` (one for all, or one
+    per source), resampled to its weight; a None weight keeps the cut source whole (the reference's ``a^^b``).
 
     The ``percentage`` subset depends on ``seed`` only (the same records every epoch); which records an up-/down-
     sampled source repeats or leaves out, and the epoch's order, change with ``epoch``.
 
     >>> mix_indices([4, 2], [1.0, 1.0], 1.0, 0).__len__()
     6
+    >>> mix_indices([4, 2], [None, None], [0.5, 1.0], 0).__len__()
+    4
     """
+    percentages = [percentage] * len(sizes) if isinstance(percentage, (int, float)) else list(percentage)
     rng = random.Random(seed)
     kept = []
-    for s, n in enumerate(sizes):
+    for s, (n, pct) in enumerate(zip(sizes, percentages, strict=True)):
         order = list(range(n))
         rng.shuffle(order)
-        kept.append(order[: max(1, math.floor(n * percentage))] if n else [])
-    total = sum(len(k) for k in kept)
-    targets = [round(total * w / sum(weights)) for w in weights]
+        kept.append(order[: max(1, math.floor(n * pct))] if n else [])
+    if any(w is None for w in weights):
+        if not all(w is None for w in weights):
+            raise ValueError(f"mix_indices: weights {list(weights)} mix proportions with whole sources (None)")
+        targets = [len(k) for k in kept]
+    else:
+        total = sum(len(k) for k in kept)
+        targets = [round(total * w / sum(weights)) for w in weights]
     epoch_rng = random.Random(f"{seed}:mix:{epoch}")
     out = []
     for s, (k, target) in enumerate(zip(kept, targets)):
@@ -310,10 +344,11 @@ def build_map_dataset(
     on_bad = BadRecordCounter(skip_bad_records)
     per_source = [list(iter_source_records(s, vocab, on_bad)) for s in sources]
     sizes, weights = [len(r) for r in per_source], [s.weight for s in sources]
+    percentages = _percentages(sources, percentage)
     rows: list[dict[str, Any]] = []
     epoch = 0
     while epoch < epochs or len(rows) < min_rows:
-        order = mix_indices(sizes, weights, percentage, seed, epoch)
+        order = mix_indices(sizes, weights, percentages, seed, epoch)
         items = [(per_source[s][i], draw_rng(seed, epoch, k)) for k, (s, i) in enumerate(order)]
         samples = render_all(items, builder, on_bad, desc=f"render samples (epoch {epoch})")
         if not samples:
@@ -346,21 +381,31 @@ def stream_rows(
     skip_bad_records: bool,
     buffer: int,
     epochs: int | None = 1,
+    counts: Sequence[int] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Rows of the given virtual shards: interleave sources by weight, render, pack every ``buffer`` samples; then
     the next data epoch (new interleaving and new draws), ``epochs`` times (None: without end; training stops at
-    ``max_steps``)."""
+    ``max_steps``). Sources without a weight (the reference's ``a^^b``) are read whole, interleaved in proportion
+    to ``counts`` (their record counts; equal without them)."""
+    whole, percentages = any(s.weight is None for s in sources), _percentages(sources, percentage)
+    if whole and counts:
+        weights = [max(c * p, 1.0) for c, p in zip(counts, percentages, strict=True)]  # > 0 for rng.choices
+    else:
+        weights = [1.0 if s.weight is None else s.weight for s in sources]
     for epoch in itertools.count() if epochs is None else range(epochs):
         for shard in shards:
             rng = random.Random(f"{seed}:{epoch}:shard:{shard}")
             on_bad = BadRecordCounter(skip_bad_records)
-            its = [_shard_records(s, vocab, on_bad, shard, num_shards, percentage) for s in sources]
-            weights = [s.weight for s in sources]
+            its = [_shard_records(s, vocab, on_bad, shard, num_shards, pct) for s, pct in zip(sources, percentages)]
+            live = list(range(len(its)))
             pending: list[RenderedSample] = []
             prefix = f"epoch {epoch} shard {shard}: "
             for position in itertools.count():
-                k = rng.choices(range(len(its)), weights=weights)[0] if len(its) > 1 else 0
+                k = rng.choices(live, weights=[weights[j] for j in live])[0] if len(live) > 1 else live[0]
                 item = next(its[k], None)
+                if item is None and whole and len(live) > 1:  # whole sources: read the others to their end
+                    live.remove(k)
+                    continue
                 if item is None:  # first exhausted source ends the shard: keeps the mixture proportions
                     break
                 pending.extend(render_all([(item, draw_rng(seed, epoch, f"{shard}.{position}"))], builder, on_bad))
@@ -388,13 +433,14 @@ def _shard_records(source: Source, vocab, on_bad, shard: int, num_shards: int, p
             yield item
 
 
-def validate_sources(sources: Sequence[Source], vocab: CodeVocab, skip_bad_records: bool) -> int:
-    """Scan every record once before a streamed run, so a bad corpus stops it before step 1."""
+def validate_sources(sources: Sequence[Source], vocab: CodeVocab, skip_bad_records: bool) -> list[int]:
+    """Scan every record once before a streamed run, so a bad corpus stops it before step 1; returns the number of
+    valid records of each source."""
     on_bad = BadRecordCounter(skip_bad_records)
-    n = sum(1 for s in sources for _ in tqdm(iter_source_records(s, vocab, on_bad), desc=f"validate {s.spec}",
-                                              mininterval=5))
+    counts = [sum(1 for _ in tqdm(iter_source_records(s, vocab, on_bad), desc=f"validate {s.spec}", mininterval=5))
+              for s in sources]
     on_bad.report()
-    return n
+    return counts
 
 
 def build_streaming_dataset(
@@ -417,8 +463,9 @@ def build_streaming_dataset(
     doc); the Trainer stops it at ``max_steps``."""
     import datasets
 
-    if validate:
-        validate_sources(sources, vocab, skip_bad_records)
+    counts = None
+    if validate or any(s.weight is None for s in sources):  # whole sources interleave by their sizes
+        counts = tuple(validate_sources(sources, vocab, skip_bad_records))  # a tuple: datasets shards lists
     features = datasets.Features(
         {
             "input_ids": datasets.Sequence(datasets.Value("int32")),
@@ -436,6 +483,6 @@ def build_streaming_dataset(
         gen_kwargs=dict(
             groups=[list(range(g, num_shards, num_groups)) for g in range(num_groups)], num_shards=num_shards, sources=tuple(sources), builder=builder,
             vocab=vocab, seq_len=seq_len, mode=mode, overlong=overlong, percentage=percentage, seed=seed,
-            skip_bad_records=skip_bad_records, buffer=buffer, epochs=None,
+            skip_bad_records=skip_bad_records, buffer=buffer, epochs=None, counts=counts,
         ),
     )

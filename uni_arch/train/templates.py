@@ -532,6 +532,9 @@ class SampleBuilder:
         rid = record.id
         images = _Images(rid, list(record.images))
         w = _Writer(self.tokenizer, self.code_vocab)
+        if record.type == "text" and record.input_ids is not None:  # pre-tokenised (the reference's input_ids rows):
+            w.ids(record.input_ids, True)  # trained verbatim, nothing added, as the reference does
+            return w.finish("text")
         if record.type == "text":
             if not record.text:
                 raise SampleError(f"record {rid!r}: a text record needs a non-empty text")
