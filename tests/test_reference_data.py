@@ -132,6 +132,9 @@ def test_parquet_reads_like_jsonl(tmp_path):
     write_parquet([{"data_type": "t2i", "text": "t", "vqcode_512": "[1, 2"}], tmp_path / "bad.parquet")
     with pytest.raises(RecordError, match=r"bad\.parquet:1: vqcode_512: not a JSON list"):
         list(read_records(tmp_path / "bad.parquet"))
+    (tmp_path / "not.parquet").write_text("a jsonl line by mistake")
+    with pytest.raises(RecordError, match=r"not\.parquet:\?: <parquet>: unreadable parquet file"):
+        list(read_records(tmp_path / "not.parquet"))
 
 
 # ------------------------------------------------------------------------------------------ data_path
