@@ -143,6 +143,25 @@ def test_uni_x_ref_rows(root):
     assert items[5].record.type == "text" and items[5].record.images == []
 
 
+def test_uni_x_ref_reads_every_reference_row_as_training_does(root):
+    """The encoder's uni_x_ref format and training's reader share one conversion (schema.record_from_reference)."""
+    write_jsonl(root / "r.jsonl", [
+        {"data_type": "i2t_multi", "text": "Which colour?^^^pair_split^^^red", "vqcode_512": json.dumps(list(range(16))),
+         "vqcode_multi768": "no", "width": "no", "height": "no"},
+        {"instruction": "Name a colour.", "input": "", "output": "red"},
+        {"input_ids": [1, 2, 3]},
+        {"data_type": "i2t_multi", "text": "no turns here", "vqcode_512": json.dumps(list(range(16)))},
+    ])
+    spec = load_data_config(write_yaml(root / "r.yaml", [{"name": "r", "format": "uni_x_ref", "annotations": ["r.jsonl"],
+                                                         "codebook_size": 16, "tokenizer_name": "vq@1", "grid": [4, 4]}])).datasets[0]
+    finevision, alpaca, ids, bad = iter_items(spec)
+    assert finevision.record.type == "conversation" and finevision.record.id == "r/r.jsonl:1"
+    assert finevision.record.conversations[0]["value"] == "<image>\nWhich colour?"
+    assert finevision.record.meta == {"dataset": "r", "source": "r.jsonl:1"}
+    assert alpaca.record.conversations[1] == {"from": "gpt", "value": "red"} and ids.record.input_ids == [1, 2, 3]
+    assert isinstance(bad, BadItem) and bad.reason == "bad_record" and bad.detail.startswith("r.jsonl:4: text: turn 0")
+
+
 # ------------------------------------------------------------------------------------------- webdataset
 def make_tar(path: Path, members: list[tuple[str, bytes]], compress: bool = False) -> None:
     buf = io.BytesIO()
