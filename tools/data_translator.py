@@ -48,6 +48,7 @@ memory while a run lasts (text only: images and other columns are streamed from 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import glob
 import hashlib
@@ -434,6 +435,33 @@ def _write_outputs(files: list[tuple[Path, str]], out_dir: Path, log: Translatio
     return {"files": per_file, **totals}
 
 
+@contextlib.contextmanager
+def _one_run_at_a_time(state: Path, create: bool = True) -> Iterator[None]:
+    """Hold ``state/lock`` (flock) while a run uses the folder: a second run would ask for the same texts again and
+    could cut the first one's line being written as "torn". The kernel drops the lock when its holder dies, so a
+    killed run leaves none behind. ``create=False`` (dry runs) takes it only if the folder exists."""
+    import fcntl  # POSIX; the toolkit runs on Linux
+
+    if not create and not state.is_dir():
+        yield
+        return
+    state.mkdir(parents=True, exist_ok=True)
+    with (state / "lock").open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise RuntimeError(f"{state.parent}: another translation run is using this output folder; wait for it "
+                               "or choose another --output_dir") from e
+        yield
+
+
+def _remove_leftovers(out_dir: Path) -> None:
+    """Temporaries of atomic writes (``name.tmp-<pid>``) that a killed run left; under the lock, no one else's."""
+    for leftover in out_dir.rglob("*.tmp-*"):
+        if re.fullmatch(r".+\.tmp-\d+", leftover.name) and leftover.is_file():
+            leftover.unlink()
+
+
 def _check_settings(state: Path, settings: dict[str, str]) -> None:
     path = state / "settings.json"
     if path.exists():
@@ -460,10 +488,10 @@ def _check_output_dir(inputs: str | os.PathLike | Iterable[str | os.PathLike], f
 
 
 # ------------------------------------------------------------------------------------------------ the job
-def translate(inputs: str | os.PathLike | Iterable[str | os.PathLike], output_dir: str | os.PathLike, target_language: str = "Chinese",
-              source_language: str = "English", model: str | None = None, base_url: str | None = None,
-              api_key: str | None = None, concurrency: int = 8, max_retries: int = 3, timeout: float = 60.0,
-              backoff: float = 1.0, max_backoff: float = 30.0, temperature: float = 0.0,
+def translate(inputs: str | os.PathLike | Iterable[str | os.PathLike], output_dir: str | os.PathLike,
+              target_language: str = "Chinese", source_language: str = "English", model: str | None = None,
+              base_url: str | None = None, api_key: str | None = None, concurrency: int = 8, max_retries: int = 3,
+              timeout: float = 60.0, backoff: float = 1.0, max_backoff: float = 30.0, temperature: float = 0.0,
               max_tokens: int | None = None, tsv_columns: str | Iterable[str] = DEFAULT_TSV_COLUMNS,
               extra_tokens: str | Iterable[str] = (), keep_untranslated: bool = False,
               dry_run: bool = False) -> dict[str, Any]:
@@ -491,35 +519,40 @@ def translate(inputs: str | os.PathLike | Iterable[str | os.PathLike], output_di
     tsv_columns = tuple(tsv_columns.split(",")) if isinstance(tsv_columns, str) else tuple(tsv_columns)
     extra = tuple(extra_tokens.split(",")) if isinstance(extra_tokens, str) else tuple(extra_tokens)
     pattern = protected_pattern(t for t in extra if t)
-    log = TranslationLog(state / "translations.jsonl")
-    # Built whole before the first request: every input is validated (records, unique ids, columns) first.
-    todo = [u for f, name in files for u in iter_units(f, name, tsv_columns)
-            if needs_translation(u.text, pattern) and log.get(u.key, u.text) is None]
-    chars = sum(len(u.text) for u in todo)
-    if dry_run:
-        logger.info(f"dry run: {len(todo)} texts ({chars:,} characters) still to translate in {len(files)} file(s)")
-        return {"texts": len(todo), "characters": chars, "files": len(files)}
-    settings = {"source_language": source_language, "target_language": target_language}
-    _check_settings(state, settings)
-    model = model or os.environ.get("TRANSLATE_MODEL")
-    if todo and not model:
-        raise ValueError("no model: pass --model or set $TRANSLATE_MODEL (the endpoint's model name)")
-    failures: list[dict[str, Any]] = []
-    try:
-        logger.info(f"{len(todo)} texts ({chars:,} characters) to translate, {len(log.done)} in the log, "
-                    f"{len(files)} file(s); {model} at {base_url or os.environ.get('OPENAI_BASE_URL') or 'OpenAI'}")
-        if todo:
-            translator = Translator(_client(base_url, api_key, timeout), model, source_language, target_language,
-                                    pattern, max_retries, timeout, backoff, max_backoff, temperature, max_tokens)
-            _translate_units(todo, log, translator, concurrency, failures)
-    finally:  # also when stopped: the log is flushed line by line, the report says what failed so far
-        log.close()
-        atomic_write_text(state / "failures.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                                            for r in failures))
-    summary = _write_outputs(files, out_dir, log, failures, keep_untranslated)
-    summary.update(settings=settings | {"model": model}, failures=str(state / "failures.jsonl"))
-    atomic_write_text(state / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    return summary
+    with _one_run_at_a_time(state, create=not dry_run):  # before the log is read: a reader cuts a torn last line
+        log = TranslationLog(state / "translations.jsonl")
+        # Built whole before the first request: every input is validated (records, unique ids, columns) first.
+        todo = [u for f, name in files for u in iter_units(f, name, tsv_columns)
+                if needs_translation(u.text, pattern) and log.get(u.key, u.text) is None]
+        chars = sum(len(u.text) for u in todo)
+        if dry_run:
+            logger.info(f"dry run: {len(todo)} texts ({chars:,} characters) still to translate in {len(files)} "
+                        "file(s)")
+            return {"texts": len(todo), "characters": chars, "files": len(files)}
+        _remove_leftovers(out_dir)
+        settings = {"source_language": source_language, "target_language": target_language}
+        _check_settings(state, settings)
+        model = model or os.environ.get("TRANSLATE_MODEL")
+        if todo and not model:
+            raise ValueError("no model: pass --model or set $TRANSLATE_MODEL (the endpoint's model name)")
+        failures: list[dict[str, Any]] = []
+        try:
+            endpoint = base_url or os.environ.get("OPENAI_BASE_URL") or "OpenAI"
+            logger.info(f"{len(todo)} texts ({chars:,} characters) to translate, {len(log.done)} in the log, "
+                        f"{len(files)} file(s); {model} at {endpoint}")
+            if todo:
+                translator = Translator(_client(base_url, api_key, timeout), model, source_language,
+                                        target_language, pattern, max_retries, timeout, backoff, max_backoff,
+                                        temperature, max_tokens)
+                _translate_units(todo, log, translator, concurrency, failures)
+        finally:  # also when stopped: the log is flushed line by line, the report says what failed so far
+            log.close()
+            atomic_write_text(state / "failures.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                                for r in failures))
+        summary = _write_outputs(files, out_dir, log, failures, keep_untranslated)
+        summary.update(settings=settings | {"model": model}, failures=str(state / "failures.jsonl"))
+        atomic_write_text(state / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        return summary
 
 
 def _client(base_url: str | None, api_key: str | None, timeout: float) -> Any:
