@@ -192,3 +192,12 @@ def test_negative_loss_chunk_size_is_rejected(tmp_path):
 
     with pytest.raises(ValueError, match="loss_chunk_size=-1 must be >= 0"):
         UniTrainingArguments(output_dir=str(tmp_path), loss_chunk_size=-1)
+
+
+def test_sharded_heads_are_refused_before_training():
+    from uni_arch.train.trainer import sharded_head_problem
+
+    assert sharded_head_problem(1024, zero_stage=2, fsdp=False) is None
+    assert sharded_head_problem(0, zero_stage=3, fsdp=True) is None  # the plain loss runs everywhere
+    assert "DeepSpeed ZeRO-3 shards it" in sharded_head_problem(1024, zero_stage=3, fsdp=False)
+    assert "FSDP shards it" in sharded_head_problem(1024, zero_stage=0, fsdp=True)

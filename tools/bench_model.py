@@ -28,6 +28,7 @@ import random
 import resource
 import statistics
 import time
+from typing import Callable
 
 from loguru import logger
 
@@ -174,16 +175,12 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
-def _peak_memory_child(case: dict) -> float:
-    """Child process: MiB of peak RSS added by one training iteration over the post-setup RSS.
+def peak_rss_growth_mib(step: Callable[[], object]) -> float:
+    """MiB of peak RSS that ``step()`` adds over the RSS before it: call it in a fresh process, after set-up.
 
-    Linux: the peak is ``VmHWM``, reset to the current RSS after set-up through ``/proc/self/clear_refs`` (``ru_maxrss``
-    would be wrong here: it survives ``exec`` and so starts at the parent's peak). Elsewhere: ``ru_maxrss``.
+    Linux: the peak is ``VmHWM``, reset to the current RSS through ``/proc/self/clear_refs`` (``ru_maxrss`` would
+    be wrong here: it survives ``exec`` and so starts at the parent's peak). Elsewhere: ``ru_maxrss``.
     """
-    import torch
-
-    torch.set_num_threads(case["threads"])
-    model, batches, _ = _build_case(case)
     base = _status_kib("VmRSS")
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -193,9 +190,18 @@ def _peak_memory_child(case: dict) -> float:
         linux = False
     if not linux:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    _step(model, batches)
+    step()
     peak = _status_kib("VmHWM") if linux else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round((peak - base) / 1024, 1)
+
+
+def _peak_memory_child(case: dict) -> float:
+    """Child process: MiB of peak RSS added by one training iteration over the post-setup RSS."""
+    import torch
+
+    torch.set_num_threads(case["threads"])
+    model, batches, _ = _build_case(case)
+    return peak_rss_growth_mib(lambda: _step(model, batches))
 
 
 def _run_all(cases: list[dict], warmup: int, repeats: int, threads: int) -> list[dict]:

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from loguru import logger
 from transformers import Trainer
 
 from modeling.vocab import IGNORE_INDEX, CodeVocab
@@ -89,12 +90,31 @@ def chunked_modality_losses(hidden_BTD: torch.Tensor, weight_VD: torch.Tensor, l
     return _parts(loss_sum, loss_sum.detach() - image_sum, image_sum, valid_N, image_N)
 
 
+def sharded_head_problem(loss_chunk_size: int, zero_stage: int, fsdp: bool) -> str | None:
+    """Why the chunked loss cannot run on this engine, or None: it reads the head's weight outside the head's
+    forward, where DeepSpeed ZeRO-3 and FSDP keep only this rank's shard of it."""
+    if loss_chunk_size and (zero_stage == 3 or fsdp):
+        engine = "DeepSpeed ZeRO-3" if zero_stage == 3 else "FSDP"
+        return (f"loss_chunk_size={loss_chunk_size} needs the whole output projection on every rank, and {engine} "
+                "shards it: use loss_chunk_size=0 with this engine, or ZeRO-2/DDP")
+    return None
+
+
 class UniTrainer(Trainer):
     """HF Trainer + per-modality metrics (see the module docstring). Extra args: ``code_vocab``, and
     ``inference_spec`` (``uni_arch.train.inference_spec.InferenceSpec``), written into every saved checkpoint."""
 
     def __init__(self, *args: Any, code_vocab: CodeVocab | None = None, inference_spec=None, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        chunk = getattr(self.args, "loss_chunk_size", 0)
+        zero = self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else 0
+        problem = sharded_head_problem(chunk, zero, self.is_fsdp_enabled)
+        if problem:
+            raise ValueError(problem)
+        if chunk:
+            liger = liger_fused_linear_ce(self.args.device) is not None
+            logger.info(f"loss: chunked, {chunk} tokens per chunk ("
+                        f"{'liger-kernel' if liger else 'torch; liger-kernel absent or not on CUDA'})")
         self.code_vocab = code_vocab
         self.inference_spec = inference_spec
         self._metric_sums: torch.Tensor | None = None
