@@ -42,12 +42,17 @@ experts equal the converted dense model on any input.
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import torch
+from huggingface_hub import save_torch_state_dict
 from loguru import logger
+from tqdm import tqdm
 from transformers import (
     AutoConfig,
     AutoTokenizer,
@@ -292,6 +297,316 @@ def to_dense_qwen(model: UniXForCausalLM) -> PreTrainedModel:
     return dense
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# The reference's own Uni-X layout (its modeling/uni_x_qwen3.py, `UniQwen3ForCausalLM`): read and written here.
+#
+#   reference key                                  this toolkit's key
+#   model.layers.{i}.*                             model.layers.{i}.*              (text / shared layer i, Qwen3)
+#   model.vision_encode_layers.{i}.*   (i < N)     model.layers.{i}.vision.*
+#   model.vision_decode_layers.{j}.*   (j < M)     model.layers.{L-M+j}.vision.*
+#   model.embed_tokens / model.norm / lm_head      the same (lm_head absent when tied, as transformers saves it)
+#
+# Its config is a Qwen3Config (model_type "qwen3") plus the fields of its `CustomConfigMixin.set_extra_args`; the
+# vision FFN of its Uni-X layers is a stock Qwen3DecoderLayer of `intermediate_size` (its `ffn_vision_size` only
+# serves its other modules). One embedding table of Qwen2.5's 151,936 rows + 8,192 codes = 160,128 rows, image code
+# c at id real_text_vocab_size + c = 151,665 + c (our ``vocab_layout="reference"``), tied input/output embeddings.
+REFERENCE_ARCHITECTURES = ("UniQwen3ForCausalLM", "UniQwen3ForCausalLMInference")
+REFERENCE_FIELDS = ("num_vision_encode_layers", "num_vision_decode_layers", "vision_vocab_size", "all_modal_visible",
+                    "real_text_vocab_size", "vision_start_id", "add_sep_for_vis", "vis_sep_tokens", "vis_sep_lens",
+                    "skip_connection_loc", "add_share_ffn", "ffn_share_size", "ffn_vision_size", "use_share_attn",
+                    "use_share_ffn", "attn_v_q_heads", "decoder_sparse_step")
+# fields an import must find at these values: anything else is an architecture this layout cannot hold
+REFERENCE_REQUIRED_VALUES = {
+    "all_modal_visible": (0, "the reference's Uni-X trains and infers with same-modality attention only"),
+    "add_share_ffn": (0, "its middle layers carry a shared FFN beside each modality's own (UniShareQwen3MLP)"),
+    "skip_connection_loc": (-1, "a vision skip connection (the reference's own inference refuses it too)"),
+    "add_sep_for_vis": (0, "separator tokens counted as vision tokens (a vision rule CodeVocab does not have)"),
+}
+# what `export_reference` writes for the fields its Uni-X layers do not read (the reference's argument defaults)
+REFERENCE_UNUSED_DEFAULTS = {"add_sep_for_vis": 0, "vis_sep_tokens": "<|vision_pad|>", "vis_sep_lens": "8",
+                             "skip_connection_loc": -1, "add_share_ffn": 0, "use_share_attn": 1, "use_share_ffn": 1,
+                             "attn_v_q_heads": 4, "decoder_sparse_step": 2}
+_REFERENCE_BRANCH = re.compile(r"^model\.vision_(encode|decode)_layers\.(\d+)\.(.+)$")
+_OUR_BRANCH = re.compile(r"^model\.layers\.(\d+)\.vision\.(.+)$")
+
+
+def reference_key_to_ours(key: str, num_layers: int, num_decode: int) -> str:
+    """One reference parameter name in this toolkit's layout (table above).
+
+    >>> reference_key_to_ours("model.vision_decode_layers.1.mlp.up_proj.weight", 36, 6)
+    'model.layers.31.vision.mlp.up_proj.weight'
+    """
+    m = _REFERENCE_BRANCH.match(key)
+    if m is None:
+        return key
+    kind, j, rest = m.group(1), int(m.group(2)), m.group(3)
+    layer = j if kind == "encode" else num_layers - num_decode + j
+    return f"model.layers.{layer}.vision.{rest}"
+
+
+def ours_key_to_reference(key: str, num_layers: int, num_decode: int) -> str:
+    """The inverse of `reference_key_to_ours` (a vision branch in the last ``num_decode`` layers is a decode layer).
+
+    >>> ours_key_to_reference("model.layers.31.vision.mlp.up_proj.weight", 36, 6)
+    'model.vision_decode_layers.1.mlp.up_proj.weight'
+    """
+    m = _OUR_BRANCH.match(key)
+    if m is None:
+        return key
+    layer, rest = int(m.group(1)), m.group(2)
+    first_decode = num_layers - num_decode
+    if layer >= first_decode:
+        return f"model.vision_decode_layers.{layer - first_decode}.{rest}"
+    return f"model.vision_encode_layers.{layer}.{rest}"
+
+
+def read_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved checkpoint directory: ``model.safetensors``, its sharded index, or
+    ``pytorch_model.bin`` (loaded with ``weights_only=True``)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in tqdm(shards, desc=f"reading {directory.name}", disable=len(shards) < 2):
+            state.update(load_file(directory / shard))
+        return state
+    if (directory / "model.safetensors").is_file():
+        return load_file(directory / "model.safetensors")
+    if (directory / "pytorch_model.bin").is_file():
+        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{directory}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def _read_config_json(directory: str | Path) -> dict:
+    path = Path(directory) / "config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{path}: not found ({directory} is not a checkpoint directory)") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from e
+
+
+def uni_x_config_from_reference(ref: dict, vision_end_token_id: int, where: str = "config.json") -> UniXConfig:
+    """Our `UniXConfig` for a reference Uni-X config dict: ``backbone="qwen3"``, ``variant="uni_x"``, the same
+    separated layers, same-modality attention, vision FFNs as wide as the text ones, its vocabulary."""
+    architectures = ref.get("architectures") or []
+    if ref.get("model_type") != "qwen3" or not set(architectures) & set(REFERENCE_ARCHITECTURES):
+        raise ValueError(f"{where}: model_type={ref.get('model_type')!r}, architectures={architectures}: not the "
+                         f"reference's Uni-X (model_type 'qwen3', architectures one of {REFERENCE_ARCHITECTURES})")
+    missing = [k for k in ("num_vision_encode_layers", "num_vision_decode_layers", "vision_vocab_size",
+                           "real_text_vocab_size", "vision_start_id") if k not in ref]
+    if missing:
+        raise ValueError(f"{where}: missing the reference field(s) {missing}")
+    for name, (value, meaning) in REFERENCE_REQUIRED_VALUES.items():
+        if ref.get(name, value) != value:
+            raise ValueError(f"{where}: {name}={ref[name]!r} is not supported by this import (only {value!r}): "
+                             f"{meaning}")
+    d = {k: v for k, v in ref.items() if k not in REFERENCE_FIELDS}
+    for key in ("model_type", "architectures", "transformers_version", "layer_types", "auto_map"):
+        d.pop(key, None)
+    if "torch_dtype" in d:  # transformers 4.x's name of the field
+        d.setdefault("dtype", d.pop("torch_dtype"))
+    try:
+        vocab = CodeVocab(int(ref["real_text_vocab_size"]), (int(ref["vision_vocab_size"]),),
+                          int(ref["vision_start_id"]), vision_end_token_id)
+        d.update(backbone="qwen3", variant="uni_x", vision_encode_layers=int(ref["num_vision_encode_layers"]),
+                 vision_decode_layers=int(ref["num_vision_decode_layers"]), all_modal_visible=0,
+                 ffn_vision_size=None, ffn_share_size=None, head_dim=ref.get("head_dim", 128),
+                 attention_bias=ref.get("attention_bias", False))
+        return UniXConfig.from_dict_with_vocab(d, vocab)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
+
+
+def reference_config_from_ours(config: UniXConfig) -> dict:
+    """The reference's config dict for one of our checkpoints (the exact cases of `export_reference`)."""
+    problems = []
+    if config.backbone != "qwen3":
+        problems.append(f"backbone={config.backbone!r} (the reference's Uni-X is Qwen3: convert with backbone=qwen3)")
+    if config.variant != "uni_x" or config.all_modal_visible:
+        problems.append(f"variant={config.variant!r}, all_modal_visible={config.all_modal_visible} (the reference "
+                        "holds Uni-X with same-modality attention only)")
+    if config.vision_ffn_size != config.intermediate_size or config.share_ffn_size != config.intermediate_size:
+        problems.append(f"FFN widths vision {config.vision_ffn_size} / shared {config.share_ffn_size} != "
+                        f"intermediate_size={config.intermediate_size} (its layers are stock Qwen3 layers)")
+    vocab = config.code_vocab
+    if len(vocab.level_sizes) != 1 or vocab.max_grid:
+        problems.append(f"image_level_sizes={list(vocab.level_sizes)}, image_max_grid={vocab.max_grid} (the reference "
+                        "knows one codebook and no size tags)")
+    if problems:
+        raise ValueError("not exportable to the reference layout: " + "; ".join(problems))
+    d = config.to_dict()
+    for key in ("variant", "vision_encode_layers", "vision_decode_layers", "ffn_vision_size", "ffn_share_size",
+                "all_modal_visible", "moe_every_k", "image_offset", "image_level_sizes", "vision_start_token_id",
+                "vision_end_token_id", "image_max_grid", "layer_kinds", "backbone", "transformers_version"):
+        d.pop(key, None)
+    rope = dict(config.rope_parameters)
+    d.update(REFERENCE_UNUSED_DEFAULTS)
+    d.update(
+        model_type="qwen3", architectures=[REFERENCE_ARCHITECTURES[0]],
+        num_vision_encode_layers=config.vision_encode_layers, num_vision_decode_layers=config.vision_decode_layers,
+        vision_vocab_size=vocab.level_sizes[0], all_modal_visible=0, real_text_vocab_size=vocab.image_offset,
+        vision_start_id=vocab.vision_start_id, ffn_share_size=config.intermediate_size,
+        ffn_vision_size=config.intermediate_size,
+        # transformers 4.x (the reference pins 4.53) reads these two; 5.x reads rope_parameters
+        rope_theta=rope["rope_theta"], rope_scaling=None if rope.get("rope_type", "default") == "default" else rope,
+    )
+    return d
+
+
+def _expected_shapes(config: UniXConfig) -> dict[str, torch.Size]:
+    """Parameter names and shapes of our model for ``config``, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = UniXForCausalLM(config)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)  # transformers saves tied weights once
+    return shapes
+
+
+def _check_keys(got: dict[str, torch.Tensor], want: dict[str, torch.Size], where: str,
+                source_names: dict[str, str] | None = None) -> None:
+    """Every parameter present with its shape, nothing left over; the message names the keys (leftovers by their
+    name in the source file, ``source_names``)."""
+    missing = sorted(set(want) - set(got))
+    unexpected = sorted((source_names or {}).get(k, k) for k in set(got) - set(want))
+    shapes = [f"{k}: {tuple(got[k].shape)} vs {tuple(want[k])}" for k in sorted(set(got) & set(want))
+              if got[k].shape != want[k]]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{where}: the weights do not fit the layout: missing {missing[:6]} ({len(missing)}), "
+                         f"unexpected {unexpected[:6]} ({len(unexpected)}), shape mismatches {shapes[:6]}")
+
+
+def _write_checkpoint_dir(dst: str | Path, write: Callable[[Path], None]) -> str:
+    """Run ``write(tmp_dir)`` and move the result to ``dst`` in one rename: an interrupted import leaves no
+    half-written checkpoint behind (a leftover ``<dst>.partial`` is removed by the next run)."""
+    dst = Path(dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"{dst} exists and is not empty: choose a new directory")
+    tmp = dst.with_name(dst.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if dst.exists():
+        dst.rmdir()
+    os.replace(tmp, dst)
+    return str(dst)
+
+
+def _write_inference_spec(directory: Path, tokenizer, vocab: CodeVocab, template_name: str,
+                          vqgan_path: str | None, grid: tuple[int, int]) -> None:
+    """``uni_x_inference.json`` for an imported checkpoint, so that ``load_pipeline`` renders its prompts and draws
+    its images as the reference did (chat format ``template_name``, Chameleon's VQGAN, its code grid).
+
+    The schema lives in ``uni_arch``; it is imported here, at call time only, because an imported checkpoint is not
+    usable without it (``modeling`` still imports nothing of ``uni_arch`` at import time)."""
+    from uni_arch.train.inference_spec import ImageTokenizerRef, InferenceSpec
+    from uni_arch.train.templates import SampleBuilder
+
+    ref = None
+    if vqgan_path is not None:
+        from modeling.vq import load_image_tokenizer
+
+        vq = load_image_tokenizer("chameleon", vqgan_path)
+        ref = ImageTokenizerRef("chameleon", str(Path(vqgan_path).resolve()), vq.checkpoint_hash)
+        grid = vq.native_grid
+    builder = SampleBuilder(tokenizer, vocab, template_name=template_name, ignore_instruction=True)
+    InferenceSpec.from_builder(builder, ref, grid, variant="uni_x", imported_from="reference Uni-X layout").save(
+        directory)
+
+
+def import_reference(
+    src: str,
+    dst: str,
+    tokenizer_dir: str | None = None,
+    template_name: str = "reference",
+    vqgan_path: str | None = None,
+    grid: tuple[int, int] = (32, 32),
+) -> str:
+    """The reference's Uni-X checkpoint (e.g. its released Uni-X-3B) -> this toolkit's layout in ``dst``.
+
+    The weights are renamed (table above), never changed: the result computes what the reference's inference model
+    (``UniQwen3ForCausalLMInference``) computes, with and without the KV cache. ``dst`` gets ``config.json``
+    (``backbone=qwen3``, ``variant=uni_x``), the weights, the text tokenizer and ``uni_x_inference.json``.
+
+    Args:
+        src: the reference checkpoint directory (config.json with its fields, safetensors, the Qwen2.5 tokenizer).
+        dst: a new (or empty) directory.
+        tokenizer_dir: the text tokenizer (default: ``src``); ``len(tokenizer)`` must be its real_text_vocab_size.
+        template_name: the chat format recorded for inference (``configs/chat_templates/<name>.yaml``).
+        vqgan_path: Chameleon's VQGAN directory (``vqgan.ckpt`` + ``vqgan.yaml``), recorded with its weights hash;
+            None records no image tokenizer (pass ``image_tokenizer_path=`` to ``load_pipeline`` later).
+        grid: the code grid to draw without a VQGAN (the reference: 512 px / 16 = 32 x 32).
+    """
+    ref = _read_config_json(src)
+    where = str(Path(src) / "config.json")
+    tokenizer_src = tokenizer_dir or src
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_src)
+    if VISION_END not in tokenizer.get_vocab():
+        raise ValueError(f"{tokenizer_src}: the tokenizer has no {VISION_END} token")
+    config = uni_x_config_from_reference(ref, tokenizer.convert_tokens_to_ids(VISION_END), where)
+    try:
+        found = CodeVocab.from_tokenizer(tokenizer, config.code_vocab.level_sizes)
+    except ValueError as e:
+        raise ValueError(f"{tokenizer_src}: the tokenizer does not fit {where}: {e}") from e
+    if found != config.code_vocab:
+        raise ValueError(f"{where}: real_text_vocab_size={ref['real_text_vocab_size']}, vision_start_id="
+                         f"{ref['vision_start_id']} but the tokenizer in {tokenizer_src} gives image_offset="
+                         f"{found.image_offset}, vision_start_id={found.vision_start_id}: use the checkpoint's "
+                         "tokenizer")
+    num_layers, num_decode = config.num_hidden_layers, config.vision_decode_layers
+    source = read_state_dict(src)
+    names = {reference_key_to_ours(k, num_layers, num_decode): k for k in source}
+    state = {ours: source[k] for ours, k in names.items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # a tied head saved anyway is the embedding itself
+    _check_keys(state, _expected_shapes(config), f"{src} (reference layout: {num_layers} layers, "
+                                                 f"{config.vision_encode_layers} + {num_decode} separated)", names)
+
+    def write(tmp: Path) -> None:
+        save_torch_state_dict(state, tmp)
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_inference_spec(tmp, tokenizer, config.code_vocab, template_name, vqgan_path, tuple(grid))
+
+    out = _write_checkpoint_dir(dst, write)
+    logger.info("imported the reference Uni-X checkpoint {} -> {} ({} tensors, layer kinds {})", src, out,
+                len(state), config.layer_kinds)
+    return out
+
+
+TOKENIZER_FILE_PREFIXES = ("tokenizer", "special_tokens_map", "vocab.", "merges.", "added_tokens", "chat_template")
+
+
+def export_reference(src: str, dst: str) -> str:
+    """One of our Uni-X checkpoints (``backbone=qwen3``, same-modality attention, FFNs of ``intermediate_size``,
+    one codebook) -> the reference's layout in ``dst`` (config with its fields, renamed weights, the tokenizer)."""
+    config = UniXConfig.from_pretrained(src)
+    ref = reference_config_from_ours(config)
+    num_layers, num_decode = config.num_hidden_layers, config.vision_decode_layers
+    ours = read_state_dict(src)
+    if config.tie_word_embeddings:
+        ours.pop("lm_head.weight", None)
+    _check_keys(ours, _expected_shapes(config), src)
+    state = {ours_key_to_reference(k, num_layers, num_decode): v for k, v in ours.items()}
+    tokenizer_files = [p for p in Path(src).iterdir() if p.name.startswith(TOKENIZER_FILE_PREFIXES)]
+
+    def write(tmp: Path) -> None:
+        save_torch_state_dict(state, tmp)
+        (tmp / "config.json").write_text(json.dumps(ref, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        for path in tokenizer_files:
+            shutil.copy2(path, tmp / path.name)
+
+    out = _write_checkpoint_dir(dst, write)
+    logger.info("exported {} to the reference layout in {}", src, out)
+    return out
+
+
 def convert(
     dst: str,
     src: str | None = None,
@@ -356,6 +671,11 @@ def convert(
 
 
 if __name__ == "__main__":
+    import sys
+
     import fire
 
-    fire.Fire(convert)
+    # `conversion.py --src ... --dst ...` converts as before; a first word import_reference / export_reference runs
+    # that function instead
+    COMMANDS = {"import_reference": import_reference, "export_reference": export_reference}
+    fire.Fire(COMMANDS if len(sys.argv) > 1 and sys.argv[1] in COMMANDS else convert)
