@@ -58,10 +58,9 @@ def wrong_caption(scene: Scene) -> str:
 
 def _run_settings(checkpoint: Path) -> dict[str, Any]:
     """The run's data settings (``run_args.json``), so prompts are rendered the way training rendered them."""
-    path = checkpoint / "run_args.json"
-    if not path.is_file():
-        path = checkpoint.parent / "run_args.json"  # an intermediate checkpoint-N/ of a finished run
-    return json.loads(path.read_text()) if path.is_file() else {}
+    from uni_arch.train.hf_trainer import read_run_args
+
+    return read_run_args(checkpoint)  # an intermediate checkpoint-N/ of a finished run: the run directory's
 
 
 @torch.no_grad()

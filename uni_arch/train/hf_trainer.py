@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
 from loguru import logger
@@ -25,6 +26,23 @@ from uni_arch.train.args import DataArguments, ModelArguments, UniTrainingArgume
 from uni_arch.train.curves import LossCurveCallback
 from uni_arch.train.data_collator import UniDataCollator
 from uni_arch.train.trainer import UniTrainer
+
+
+RUN_ARGS_NAME = "run_args.json"  # what `main` records about a finished run, next to its final weights
+
+
+def read_run_args(checkpoint: str | Path) -> dict[str, Any]:
+    """A run's ``run_args.json`` (model/data arguments, metrics) for its final checkpoint or one of its
+    ``checkpoint-N/`` folders (read from the run directory above it); ``{}`` when there is none (a run still
+    training writes it at the end)."""
+    checkpoint = Path(checkpoint)
+    for path in (checkpoint / RUN_ARGS_NAME, checkpoint.parent / RUN_ARGS_NAME):
+        if path.is_file():
+            try:
+                return json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from e
+    return {}
 
 
 def resolve_resume(training_args: UniTrainingArguments) -> str | None:
@@ -76,7 +94,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Un
         trainer.save_model()  # every rank: under ZeRO-3 the shards are gathered collectively (rank 0 alone hangs)
         trainer.save_state()
         if trainer.is_world_process_zero():
-            (Path(training_args.output_dir) / "run_args.json").write_text(json.dumps(
+            (Path(training_args.output_dir) / RUN_ARGS_NAME).write_text(json.dumps(
                 {"model": vars(model_args), "data": vars(data_args), "metrics": result.metrics,
                  "training": {k: getattr(training_args, k) for k in ("learning_rate", "max_steps", "seed",
                                                                      "per_device_train_batch_size", "world_size")}},
