@@ -19,10 +19,10 @@ answer is retried like a failed request; the source's leading and trailing white
 image."``) is put back, since chat models strip it.
 
 Requests: at most ``concurrency`` in flight (an asyncio semaphore taken before each request's task is created),
-each bounded by ``timeout`` seconds; an HTTP 408/409/429/5xx,
-a timeout, a dropped connection or a bad answer is retried up to ``max_retries`` times after ``backoff * 2**k``
-seconds (capped at ``max_backoff``); a 400/422 is reported at once; 401/403/404 (wrong key, model or base_url)
-stop the run, since every other request would fail the same way.
+each bounded by ``timeout`` seconds; an HTTP 408/409/429/5xx, a timeout, a dropped connection or a bad answer is
+retried up to ``max_retries`` times after ``backoff * 2**k`` seconds (capped at ``max_backoff``); a 400/422 is
+reported at once; 401/403/404 (wrong key, model or base_url) stop the run, since every other request would fail
+the same way.
 
 Resume and layout (``output_dir``)::
 
@@ -34,7 +34,8 @@ Resume and layout (``output_dir``)::
     .translate/failures.jsonl         this run's failures: input file, line, id, field, error, attempts, the last
                                       bad answer (written atomically when the run ends, also when it is stopped)
     .translate/settings.json          the languages: a rerun into another language is refused
-    .translate/summary.json           per file: records, written, withheld, texts asked, translated, failed
+    .translate/summary.json           per file: records, written, withheld, failed texts
+    .translate/lock                   flock'ed while a run uses the folder: a second run is refused
 
 Texts are keyed by (output file, record id or TSV ``index``, field path), so a rerun never asks twice and the
 output holds each input record exactly once, in input order. A record with a failed text is withheld from its
