@@ -44,7 +44,7 @@ per stream, at about 32 bytes a key, shared by the stream's ``2 * max_n`` counte
 distinct key of a spilled run. A hash collision merges two n-grams; for ``D`` distinct n-grams the expected number of
 colliding pairs is ``D(D-1) / 2^65`` (3e-4 at ``D = 10^8``): negligible next to the sampling error. What grows
 with the data besides: 8 bytes (plus a Python set entry, ~70 bytes) per distinct image for the de-duplication.
-The pass over the data is not resumable: it is one read of the files (the shapes world: ~30 s on one core).
+The pass is not resumable: it is one read of the files (the shapes world's 11.5 MB: ~5 s after start-up).
 
 Outputs (written atomically) in ``--out_dir``: ``entropy.json`` (settings, per-stream totals and rows),
 ``entropy.csv`` (one row per stream and n) and ``entropy.md`` (the table); ``draw_pics/conditional_entropy.py``
@@ -518,6 +518,8 @@ def analyse(records: str | Sequence[str] | None = None, tokenizer: Any | None = 
         tokenizer = load_text_tokenizer(tokenizer)
     if tokenizer is None and corpus_files:
         raise ValueError("--corpora need a tokenizer (--tokenizer DIR)")
+    if tokenizer is None and files:
+        logger.info("no tokenizer: the records' text is skipped, only their image codes are counted")
     # The budget is per stream: a stream's 2 * max_n counters share it (streams fill side by side).
     max_keys = None if memory_mb <= 0 else max(2, int(memory_mb * 2**20 / BYTES_PER_KEY / (2 * max_n)))
     with tempfile.TemporaryDirectory(prefix="cal_entropy-", dir=tmp_dir) as spill_dir:
