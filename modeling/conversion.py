@@ -481,12 +481,18 @@ def _check_keys(got: dict[str, torch.Tensor], want: dict[str, torch.Size], where
                          f"unexpected {unexpected[:6]} ({len(unexpected)}), shape mismatches {shapes[:6]}")
 
 
+def _require_new_dir(dst: str | Path) -> Path:
+    """Checked before any work (reading a 3B checkpoint takes minutes): ``dst`` must be new or empty."""
+    dst = Path(dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst} exists and is not an empty directory: choose a new directory")
+    return dst
+
+
 def _write_checkpoint_dir(dst: str | Path, write: Callable[[Path], None]) -> str:
     """Run ``write(tmp_dir)`` and move the result to ``dst`` in one rename: an interrupted import leaves no
     half-written checkpoint behind (a leftover ``<dst>.partial`` is removed by the next run)."""
-    dst = Path(dst)
-    if dst.exists() and any(dst.iterdir()):
-        raise FileExistsError(f"{dst} exists and is not empty: choose a new directory")
+    dst = _require_new_dir(dst)
     tmp = dst.with_name(dst.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -543,6 +549,7 @@ def import_reference(
             None records no image tokenizer (pass ``image_tokenizer_path=`` to ``load_pipeline`` later).
         grid: the code grid to draw without a VQGAN (the reference: 512 px / 16 = 32 x 32).
     """
+    _require_new_dir(dst)
     ref = _read_config_json(src)
     where = str(Path(src) / "config.json")
     tokenizer_src = tokenizer_dir or src
@@ -586,6 +593,7 @@ TOKENIZER_FILE_PREFIXES = ("tokenizer", "special_tokens_map", "vocab.", "merges.
 def export_reference(src: str, dst: str) -> str:
     """One of our Uni-X checkpoints (``backbone=qwen3``, same-modality attention, FFNs of ``intermediate_size``,
     one codebook) -> the reference's layout in ``dst`` (config with its fields, renamed weights, the tokenizer)."""
+    _require_new_dir(dst)
     config = UniXConfig.from_pretrained(src)
     ref = reference_config_from_ours(config)
     num_layers, num_decode = config.num_hidden_layers, config.vision_decode_layers

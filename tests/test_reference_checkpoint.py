@@ -264,6 +264,8 @@ def test_export_gives_back_the_reference_checkpoint(imported_dir, reference_dir,
                 "num_key_value_heads", "head_dim", "rope_theta", "vocab_size", "tie_word_embeddings", "rms_norm_eps"):
         assert back[key] == ref[key], key
     assert (exported / "tokenizer.json").is_file()
+    with pytest.raises(FileExistsError, match="not an empty directory"):  # never writes into a used folder
+        export_reference(str(imported_dir), str(exported))
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -283,4 +285,14 @@ def test_import_refuses_what_the_layout_cannot_hold(reference_dir, tmp_path, ove
     (src / "config.json").write_text(json.dumps({**config, **overrides}))
     with pytest.raises(ValueError, match=message):
         import_reference(str(src), str(tmp_path / "out"), template_name="plain")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_what_the_reference_cannot_hold(tmp_path):
+    """A qwen2 Uni-X with all_modal_visible=1 and a narrow vision FFN: every reason is named, nothing written."""
+    from tests.model_fixtures import tiny_model
+
+    tiny_model("uni_x_amv1").save_pretrained(tmp_path / "ours")
+    with pytest.raises(ValueError, match=r"backbone='qwen2'.*all_modal_visible=1.*FFN widths vision 48"):
+        export_reference(str(tmp_path / "ours"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
