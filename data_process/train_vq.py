@@ -4,7 +4,7 @@ measure it against the quality gate that train.sh enforces before anything is en
     python data_process/train_vq.py train --out_dir data/shapes/vq --num_train 20000 --seed 0
     python data_process/train_vq.py check_gate --out_dir data/shapes/vq   # exit 1 + message when below the gate
 
-Quality is the same on every machine: the schedule is in steps (800, warmup + cosine), never in time. Only the speed
+Quality is the same on every machine: the schedule is in steps (2,400, warmup + cosine), never in time. Only the speed
 settings depend on the machine, and they come from measurement, not from a capability flag:
 
 * ``precision="auto"`` / ``num_threads=None`` time one warm-up and three training steps of each candidate (fp32 and
@@ -18,11 +18,31 @@ settings depend on the machine, and they come from measurement, not from a capab
 
 The gate (:func:`check_gate`; thresholds ``GATE_*``, overridable): on 1,000 held-out scenes (indices from 10,000,000
 of the same world: never training images, whatever ``num_train``), the shapes detector must read the exact objects
-(multiset of shape and colour) in >= 97% of the VQ reconstructions, PSNR must be >= 30 dB, and the background must be
+(multiset of shape and colour) in >= 94% of the VQ reconstructions, PSNR must be >= 30 dB, and the background must be
 drawable: ``background_consistency_pct`` >= 90, the share of empty code positions (no object within 8 px of the
 patch) encoded with their position's most common code. The detector rate is the ceiling of any shapes GenEval score
 with this tokenizer; the consistency is what lets a generator learn the 70% of every image that is empty. metrics.json
 also lists the misses by cause and the first 20 of them, so a failing tokenizer says what it gets wrong.
+
+The default grid is 8x8 (64 codes per image; why: ``modeling/vq/shapes_vq.py``). Measured on the 1,000 held-out
+scenes (seed 0, bf16 x1 thread on a 2-core AMX box shared with other jobs; misses = wrong shape / object lost /
+spurious object / wrong colour):
+
+    channels            codes   dec blocks   steps   lr      PSNR dB (p5)   detector   misses        perplexity   CPU-s/step
+    24,64,128 (16x16)   512     2            800     2e-3    37.12 (33.4)   98.8%      9/3/0/0       21           (old default)
+    24,64,128,128       512     2            800     2e-3    30.91 (27.0)   45.7%      522/11/8/2    72           0.29
+    24,64,128,128       1,024   3            1,600   1e-3    32.84 (28.6)   83.6%      151/11/1/1    120          0.29
+    24,64,128,128       2,048   4            2,400   1e-3    35.92 (31.2)   95.4%      40/6/0/0      170          0.38
+    16,48,128,128       2,048   4            2,400   1e-3    35.97 (31.1)   96.2%      20/10/5/3     152          0.30
+    16,48,128,128       2,048   4            2,400   2e-3    38.51 (32.9)   98.1%      10/4/3/2      159          0.28
+    16,48,128,128       512     4            2,400   2e-3    37.19 (31.6)   95.9%      25/9/4/3      86           0.22  (default)
+
+On 8x8 a code covers 8x8 px, so outlines must come from the codebook and the decoder. 2,048 codes keep them best,
+but the text-to-image model then stops learning its caption (``modeling/vq/shapes_vq.py``), so the default keeps 512
+codes and puts the capacity into four decoder blocks at the grid and a longer schedule: 95.9%, hence the gate at 94
+(``GATE_MIN_DETECTOR_PCT``). Six decoder blocks tracked four step for step. The thinner 64x64 layers (16 and 48
+channels) cost 46% less per step than 24/64 at no loss, and the 2e-3 peak (with 100 warmup steps) beats 1e-3
+clearly. Without native bf16 the steps run in fp32 at ~2x the CPU time (the timing below picks it).
 
 Why the consistency figure: the first tokenizer (GroupNorm in an encoder residual block) passed the other two (37.8
 dB, 99.3%) but its codes for empty gray depended on objects anywhere in the image (GroupNorm's statistics span the
@@ -37,7 +57,7 @@ residual block (receptive field ~6 px around the patch) give 100% and perplexity
 
 The rest of this docstring was measured with the GroupNorm encoder (same decoder, loss and schedule):
 
-Measured (800 steps, seed 0, the 1,000 held-out scenes; a 2-core box with AMX shared with other jobs, so wall times
+Measured on the 16x16 tokenizer (800 steps, seed 0, the 1,000 held-out scenes; a 2-core box with AMX shared with other jobs, so wall times
 are pessimistic; misses = wrong shape / object lost / spurious object):
 
     loss                   precision x threads         PSNR dB (p5)   detector   misses    CPU-s/step
@@ -60,7 +80,7 @@ forced bf16 x1 run (the timing runs on a copy under a forked RNG).
   and lowers even the plain MSE (step 600: 0.0014 with w=4 against 0.0020). What is left is mostly diamonds read as
   circles, most often purple and pink ones (purple is the colour nearest the gray background).
 * Speed: fp32 costs ~0.75 CPU-s per step here (~0.65 on the issue's Xeon), so on an idle 2-core machine without
-  native bf16 the 800 steps take ~5-6 min with 2 threads, plus ~20 s of timing, ~10-25 s of rendering and ~10 s of
+  native bf16 those 800 steps took ~5-6 min with 2 threads (the 8x8 default's 2,400 steps: see the table above), plus ~20 s of timing, ~10-25 s of rendering and ~10 s of
   evaluation (the detector on 1,000 reconstructions). Under load the timing picks 1 thread (2 threads spin-wait).
 
 Determinism and resumption: batch ``i`` is drawn from a generator seeded with ``(seed, i)`` and the full training
@@ -101,14 +121,16 @@ STATE_NAME = "train_state.pt"
 # depend on ``num_train`` and can never overlap the training images.
 EVAL_INDEX_OFFSET = 10_000_000
 # The quality gate (see check_gate): the detector's exact-match rate on reconstructions caps every shapes GenEval
-# score, and PSNR catches a washed-out model the detector might still read.
-GATE_MIN_DETECTOR_PCT = 97.0
+# score, and PSNR catches a washed-out model the detector might still read. 94, not the 97 of the 16x16 tokenizer:
+# the 8x8 default trades ~3 points of it for a text-to-image model that follows its prompt (module doc); the default
+# schedule measured 95.9%, and the checkpoint's drawing gate in train.sh judges what the pair produces.
+GATE_MIN_DETECTOR_PCT = 94.0
 GATE_MIN_PSNR_DB = 30.0
 GATE_MIN_SCENES = 1000
 # Codes of empty background must not depend on far-away content (background_consistency): a GroupNorm tokenizer
 # scored 15.7% here and its text-to-image samples were fragments; a per-position norm scores ~100%.
 GATE_MIN_BACKGROUND_PCT = 90.0
-# A guard against a machine far slower than expected (the default run: ~6 min in fp32 on 2 idle cores), never the
+# A guard against a machine far slower than expected (the default run: see the table in the module doc), never the
 # way to finish.
 DEFAULT_TIME_LIMIT_S = 3600.0
 
@@ -121,10 +143,10 @@ class TrainVQConfig:
     num_eval: int = 1000
     seed: int = 0
     batch_size: int = 32
-    max_steps: int = 800
+    max_steps: int = 2400
     lr: float = 2e-3
     min_lr_ratio: float = 0.05
-    warmup_steps: int = 50
+    warmup_steps: int = 100
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     # "auto" times fp32 and bf16 autocast at start and keeps the faster (see pick_speed_setting).
