@@ -11,8 +11,10 @@ whose weights are known in the forward (1 for a target, 0 for ``IGNORE_INDEX``),
 chunk's logits, its losses and at once its contribution to ``d hidden`` ([chunk, hidden]) and ``d weight``
 (accumulated in float32, [vocab, hidden]), and drops the logits; the backward only multiplies the stored gradients by
 the incoming scalar. Recomputing each chunk's logits in the backward instead (``torch.utils.checkpoint`` per chunk)
-costs one more ``[chunk, hidden] x [hidden, vocab]`` product per chunk, about a third more work on this layer;
-``python tools/bench.py loss`` measures both against the plain path.
+costs one more ``[chunk, hidden] x [hidden, vocab]`` product per chunk, about a third more work on this layer.
+Measured (``python tools/bench.py loss --threads 1``: row 8,192, vocab 160,128, hidden 256, chunks of 1,024, one
+CPU thread): peak memory +15,002 MiB plain, +793 MiB here (18.9x less), +2,050 MiB with per-chunk checkpoints; CPU
+time 34.5 s plain, 23.2 s here (0.67x: no row-sized buffers to fault in), 46.2 s with checkpoints (1.34x).
 
 Limits, by design: only the weighted sum is differentiable (the per-token losses come back detached, for metrics);
 a second backward through the same graph is refused (the stored gradients are scaled in place); the projection
