@@ -92,7 +92,7 @@ ENV_VARS=" $(compgen -e | tr '\n' ' ') "   # what the caller set (it beats the p
 : "${VQ_TIME_LIMIT_S=3600}"                     # a guard only: the VQ schedule is in steps (~6 min on 2 cores)
 : "${VQ_EXTRA_ARGS=}"                           # more flags for data_process/train_vq.py train, e.g. "--max_steps 1600"
 # The tokenizer's quality gate: nothing is encoded or trained on a VQ below it (see data_process/train_vq.py).
-: "${VQ_GATE_DETECTOR_PCT=94}"                  # shapes detector's exact-match rate on VQ reconstructions, %
+: "${VQ_GATE_DETECTOR_PCT=90}"                  # shapes detector's exact-match rate on VQ reconstructions, %
 : "${VQ_GATE_PSNR_DB=30}"                       # held-out reconstruction PSNR, dB
 : "${VQ_GATE_MIN_SCENES=1000}"                  # held-out scenes the figures must come from
 : "${VQ_GATE_BACKGROUND_PCT=90}"                # empty background encoded with its position's usual code, %

@@ -396,12 +396,12 @@ def test_check_gate_passes_fails_and_refuses_folders_without_gate_figures(tmp_pa
     good = dict(detector_exact_pct=98.5, psnr_db=36.0, num_eval_images=1000, background_consistency_pct=99.0)
     _write_metrics(tmp_path / "good", **good)
     assert tv.check_gate(str(tmp_path / "good")) == good
-    low = {**good, "detector_exact_pct": 93.0, "detector_failure_causes": {"wrong shape": 9}}
+    low = {**good, "detector_exact_pct": 89.0, "detector_failure_causes": {"wrong shape": 9}}
     _write_metrics(tmp_path / "low", **low)
     with pytest.raises(tv.GateFailed) as e:
         tv.check_gate(str(tmp_path / "low"))
     message = str(e.value)
-    for part in (f"detector exact match on reconstructions 93.0% < {tv.GATE_MIN_DETECTOR_PCT:.1f}%", "PSNR >= 30.0 dB", "wrong shape",
+    for part in (f"detector exact match on reconstructions 89.0% < {tv.GATE_MIN_DETECTOR_PCT:.1f}%", "PSNR >= 30.0 dB", "wrong shape",
                  f"delete {tmp_path / 'low'}", "--max_steps"):
         assert part in message, part
     assert "PSNR 36.0" not in message  # only the failing figure is listed as a reason
