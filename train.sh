@@ -89,7 +89,7 @@ ENV_VARS=" $(compgen -e | tr '\n' ' ') "   # what the caller set (it beats the p
 # -- Shapes-world set-up (only for the default data) --
 : "${SETUP_SHAPES=auto}"                        # auto: when DATA_PATH reads SHAPES_CODES_DIR
 : "${SHAPES_NUM_IMAGES=4000}"
-: "${VQ_TIME_LIMIT_S=3600}"                     # a guard only: the VQ schedule is in steps (~6 min on 2 cores)
+: "${VQ_TIME_LIMIT_S=3600}"                     # a guard only: the VQ schedule is in steps (~7 min with bf16, ~11 in fp32, on 2 cores)
 : "${VQ_EXTRA_ARGS=}"                           # more flags for data_process/train_vq.py train, e.g. "--max_steps 1600"
 # The tokenizer's quality gate: nothing is encoded or trained on a VQ below it (see data_process/train_vq.py).
 : "${VQ_GATE_DETECTOR_PCT=90}"                  # shapes detector's exact-match rate on VQ reconstructions, %
@@ -183,7 +183,7 @@ if [[ "$SETUP_SHAPES" == 1 ]]; then
     "$PY" data_process/text_tokenizer.py train --out_dir "$SHAPES_DIR/tokenizer"
   fi
   if [[ ! -f "$VQ_DIR/metrics.json" ]]; then
-    echo "--- training the shapes VQ tokenizer ($VQ_DIR, ~6 min on 2 idle cores) ---"
+    echo "--- training the shapes VQ tokenizer ($VQ_DIR, ~7-11 min on 2 idle cores) ---"
     read -r -a VQ_EXTRA <<< "$VQ_EXTRA_ARGS"
     "$PY" data_process/train_vq.py train --out_dir "$VQ_DIR" --time_limit_s "$VQ_TIME_LIMIT_S" \
       --min_detector_pct "$VQ_GATE_DETECTOR_PCT" --min_psnr_db "$VQ_GATE_PSNR_DB" \
