@@ -71,9 +71,9 @@ def test_train_sh_stops_at_the_vq_quality_gate_before_encoding_or_training(tmp_p
     log = proc.stdout + proc.stderr
     assert proc.returncode == 1, log[-3000:]
     assert "below the quality gate" in log and "detector exact match on reconstructions" in log
-    assert "% < 97%" in log and f"delete {shapes / 'vq'}" in log and "stopped at the VQ quality gate" in log
+    assert "% < 90%" in log and f"delete {shapes / 'vq'}" in log and "stopped at the VQ quality gate" in log
     metrics = json.loads((shapes / "vq" / "metrics.json").read_text())
-    assert metrics["steps"] == 2 and metrics["detector_exact_pct"] < 97.0 and not metrics["gate"]["passed"]
+    assert metrics["steps"] == 2 and metrics["detector_exact_pct"] < 90.0 and not metrics["gate"]["passed"]
     assert f"{metrics['detector_exact_pct']}%" in log  # the message names the measured figure
     assert not codes.exists() and not (out / "train.log").exists()  # nothing encoded, nothing trained
 
