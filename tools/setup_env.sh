@@ -8,8 +8,16 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${UNI_X_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
 STAMP="$VENV/.requirements.sha256"
+EDITABLE="$VENV/.editable_root"  # the checkout the venv's editable install points at
 WANT="$(cat "$ROOT/requirements.txt" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
+  # A venv shared between checkouts (UNI_X_VENV) imports the packages of the checkout installed last: re-point it
+  # at this one, or its scripts would silently run another checkout's code.
+  if [[ "$(cat "$EDITABLE" 2>/dev/null)" != "$ROOT" ]]; then
+    echo "[setup_env] pointing $VENV's editable install at $ROOT" >&2
+    "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" >&2
+    echo "$ROOT" > "$EDITABLE"
+  fi
   exit 0
 fi
 echo "[setup_env] installing the environment into $VENV (first run takes a few minutes)" >&2
@@ -18,4 +26,5 @@ echo "[setup_env] installing the environment into $VENV (first run takes a few m
 "$VENV/bin/python" -m pip install -q "$(grep -E '^torch==' "$ROOT/requirements.txt")" >&2
 "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements.txt" >&2
 "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" >&2
+echo "$ROOT" > "$EDITABLE"
 echo "$WANT" > "$STAMP"
