@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train a Uni-X model with the HF Trainer (uni_arch/train/hf_trainer.py).
 #
-#   bash train.sh                                   # the default: tiny Uni-X on the shapes world, CPU, ~20 min
+#   bash train.sh                                   # the default: tiny Uni-X on the shapes world, CPU, ~21 min (~25 without native bf16)
 #   bash train.sh configs/train/stage2.yaml         # a preset (YAML keys are hf_trainer.py argument names)
 #   LEARNING_RATE=3e-4 MAX_STEPS=200 bash train.sh  # any parameter below, from the environment
 #   LAUNCHER=accelerate NUM_PROCESSES=8 bash train.sh configs/train/stage3.yaml
@@ -56,7 +56,7 @@ ENV_VARS=" $(compgen -e | tr '\n' ' ') "   # what the caller set (it beats the p
 : "${MODEL_SPEC_MODULE=x}"                      # x (Uni-X) | mot | moe | dense
 : "${VISION_ENCODE_LAYERS=}"                    # "" = the model config's (tiny_uni_x: 1)
 : "${VISION_DECODE_LAYERS=}"                    # "" = the model config's (tiny_uni_x: 1)
-: "${ALL_MODAL_VISIBLE=}"                       # "" = the model config's (tiny_uni_x: 0)
+: "${ALL_MODAL_VISIBLE=}"                       # "" = the model config's (tiny_uni_x: 1)
 : "${UNFREEZE_KEYS=train-all}"                  # or e.g. vision,image_embeddings (stage 1)
 : "${FFN_VISION_SIZE=}"                         # '' = the config's
 : "${FFN_SHARE_SIZE=}"
@@ -90,7 +90,7 @@ ENV_VARS=" $(compgen -e | tr '\n' ' ') "   # what the caller set (it beats the p
 : "${SETUP_SHAPES=auto}"                        # auto: when DATA_PATH reads SHAPES_CODES_DIR
 : "${SHAPES_NUM_IMAGES=4000}"
 : "${VQ_TIME_LIMIT_S=3600}"                     # a guard only: the VQ schedule is in steps (~7 min with bf16, ~11 in fp32, on 2 cores)
-: "${VQ_EXTRA_ARGS=}"                           # more flags for data_process/train_vq.py train, e.g. "--max_steps 1600"
+: "${VQ_EXTRA_ARGS=}"                           # more flags for data_process/train_vq.py train, e.g. "--max_steps 4800" (the default is 2400)
 # The tokenizer's quality gate: nothing is encoded or trained on a VQ below it (see data_process/train_vq.py).
 : "${VQ_GATE_DETECTOR_PCT=90}"                  # shapes detector's exact-match rate on VQ reconstructions, %
 : "${VQ_GATE_PSNR_DB=30}"                       # held-out reconstruction PSNR, dB

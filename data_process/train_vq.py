@@ -576,7 +576,8 @@ def check_gate(
             f">= {min_scenes} held-out scenes): {'; '.join(reasons)}"
             + (f" [detector misses by cause: {causes}]" if causes else "")
             + f". train.sh encodes and trains nothing on it. To fix: delete {out_dir} and rerun; if a fresh default "
-            "run fails too, train longer (train.sh: VQ_EXTRA_ARGS='--max_steps 1600'; train_vq.py: --max_steps, "
+            f"run fails too, train longer (train.sh: VQ_EXTRA_ARGS='--max_steps {2 * TrainVQConfig.max_steps}'; "
+            "train_vq.py: --max_steps, "
             "--channels) or, knowingly, lower VQ_GATE_DETECTOR_PCT / VQ_GATE_PSNR_DB / VQ_GATE_BACKGROUND_PCT."
         )
     figures = {key: metrics[key] for key in GATE_FIGURES}

@@ -166,8 +166,7 @@ def main(checkpoint: str = "outputs/shapes-tiny-uni-x", threads: int = 2, device
         raise SystemExit(f"{checkpoint}: no checkpoint there; `bash train.sh` makes the default one")
     results: dict[str, Any] = {"threads": threads}
     with torch_threads(threads):
-        results["shapes"] = checkpoint_tables(checkpoint, device, cfg_scale, warmup, repeats,
-                                              tuple(grid) if grid is not None else None)
+        results["shapes"] = checkpoint_tables(checkpoint, device, cfg_scale, warmup, repeats, grid)
         if device.startswith("cuda"):
             results["qwen2.5-1.5b shape"] = qwen_shape_tables(qwen_config, device, cfg_scale, warmup, repeats)
         else:

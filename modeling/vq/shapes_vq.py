@@ -43,7 +43,7 @@ On 16x16 a text-to-image sample is ~285 tokens of which the caption informs a ha
 its colour and shape; the rest copy them); on 8x8 it is ~90, and a run sees 3-4x more samples in the same compute.
 A larger codebook reconstructs better but spreads each colour over more codes, and the same run no longer learns
 the caption. So the tokenizer's capacity goes into the decoder (cheap at 8x8), not the codebook. The 16x16
-tokenizer remains one flag away (``--channels 24,64,128 --dec_res_blocks 2``), with these figures:
+tokenizer remains a few flags away (``--channels 24,64,128 --dec_res_blocks 2 --max_steps 800``), with these figures:
 
 16x16 (512 codes of dim 16, no encoder residual block, 800 steps):
 36.9 dB held-out PSNR and the detector reads 99.3% of the reconstructions of 1,000 held-out scenes exactly, with
@@ -87,7 +87,7 @@ class ShapesVQConfig:
 
     image_size: int = 64
     channels: tuple[int, ...] = (16, 48, 128, 128)
-    # Residual blocks at the code grid, encoder side. 0 keeps each code's receptive field to ~6 px around its 4x4
+    # Residual blocks at the code grid, encoder side. 0 keeps each code's receptive field to a few px around its
     # patch: with one block (radius ~16 px) an object 2 cells away still moved the background codes (consistency
     # 83%, code perplexity 109); with none, 100% and 21.5 at 36.9 dB / 99.3% (see data_process/train_vq.py).
     enc_res_blocks: int = 0
