@@ -64,9 +64,9 @@ ENV_VARS=" $(compgen -e | tr '\n' ' ') "   # what the caller set (it beats the p
 # -- Training hyper-parameters --
 : "${BF16=false}"
 : "${LEARNING_RATE=5e-4}"                       # shapes Uni-X: 1e-3 and 2e-3 learn to ignore the caption (README)
-: "${MAX_STEPS=800}"
-: "${TRAIN_BATCH_SIZE=1}"                       # packed rows per device per micro-step
-: "${MODEL_MAX_LENGTH=4096}"
+: "${MAX_STEPS=700}"
+: "${TRAIN_BATCH_SIZE=2}"                       # packed rows per device per micro-step
+: "${MODEL_MAX_LENGTH=2048}"                    # 2 rows x 2,048 tokens per step: ~20% faster on CPU than 1 x 4,096 (attention)
 : "${USE_DATA_PACKING=2}"                       # 0: no packing, 1: pretrain packing, 2: SFT packing
 : "${GRAD_ACCUM_STEPS=1}"
 : "${WEIGHT_DECAY=0.0}"
@@ -88,7 +88,7 @@ ENV_VARS=" $(compgen -e | tr '\n' ' ') "   # what the caller set (it beats the p
 
 # -- Shapes-world set-up (only for the default data) --
 : "${SETUP_SHAPES=auto}"                        # auto: when DATA_PATH reads SHAPES_CODES_DIR
-: "${SHAPES_NUM_IMAGES=4000}"
+: "${SHAPES_NUM_IMAGES=16000}"                  # 4,000 images (4 passes per run) drew the asked shape in 41% of images, 16,000 (one pass) in 56%
 : "${VQ_TIME_LIMIT_S=3600}"                     # a guard only: the VQ schedule is in steps (~7 min with bf16, ~11 in fp32, on 2 cores)
 : "${VQ_EXTRA_ARGS=}"                           # more flags for data_process/train_vq.py train, e.g. "--max_steps 4800" (the default is 2400)
 # The tokenizer's quality gate: nothing is encoded or trained on a VQ below it (see data_process/train_vq.py).

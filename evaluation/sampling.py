@@ -91,7 +91,11 @@ REFERENCE_IMAGE_SAMPLING = SamplingSettings(temperature=0.99, top_k_fraction=0.5
 # encodes empty background with one code (the shapes VQ), "an object starts here" is a rare code at every background
 # position, and top-p 0.96 cuts exactly those: measured on a shapes checkpoint (8 seeds x 40 prompts), top-p 0.96 left
 # 90% of the images empty (one object in 10%), full sampling drew objects in all (one object in 35%).
-IMAGE_DEFAULTS = SamplingSettings(temperature=1.0)
+# Temperature 0.7 (no truncation, so rare "object starts here" codes keep their chance): on the 8x8 shapes default
+# (CFG 4, 40 single-object prompts) it raised the exact rate from 30.6% to 37.8% at 16 seeds (64 seeds: 34.8%) and
+# "a photo of a red circle" from 25% to 69%; top-k 16/64 at temperature 1 gave 34-35%, temperature 0.5 31%
+# (fewer objects drawn at all), CFG 7 with temperature 0.5-0.7 34-38%.
+IMAGE_DEFAULTS = SamplingSettings(temperature=0.7)
 TEXT_DEFAULTS = SamplingSettings(temperature=0.7, top_p=0.9)
 
 
