@@ -59,13 +59,17 @@ ENV_VARS=" $(compgen -e | tr '\n' ' ') "   # what the caller set (it beats the p
 : "${ALL_MODAL_VISIBLE=}"                       # "" = the model config's (tiny_uni_x: 1)
 : "${UNFREEZE_KEYS=train-all}"                  # or e.g. vision,image_embeddings (stage 1)
 : "${FFN_VISION_SIZE=}"                         # '' = the config's
-: "${FFN_SHARE_SIZE=}"
+: "${FFN_SHARE_SIZE=}"                          # the reference's: width of the shared FFN of ADD_SHARE_FFN=1
+: "${ADD_SHARE_FFN=}"                           # 1: Uni-X middle layers add a shared FFN to each modality's own
+: "${DECODER_SPARSE_STEP=}"                     # MoE: every k-th layer is modality-routed (= moe_every_k)
+: "${MOT_STYLE=}"                               # MoT: ours | reference (the reference's MoT baseline)
+: "${INIT_VISION_WITH_TEXT=}"                   # 1: copy text weights into the vision branches before training
 
 # -- Training hyper-parameters --
 : "${BF16=false}"
 : "${LEARNING_RATE=5e-4}"                       # shapes Uni-X: 1e-3 and 2e-3 learn to ignore the caption (README)
 : "${MAX_STEPS=700}"
-: "${TRAIN_BATCH_SIZE=2}"                       # packed rows per device per micro-step
+: "${TRAIN_BATCH_SIZE=2}"                       # packed ROWS per device per micro-step (the reference: raw samples in one row)
 : "${MODEL_MAX_LENGTH=2048}"                    # 2 rows x 2,048 tokens per step: ~20% faster on CPU than 1 x 4,096 (attention)
 : "${USE_DATA_PACKING=2}"                       # 0: no packing, 1: pretrain packing, 2: SFT packing
 : "${GRAD_ACCUM_STEPS=1}"
@@ -110,7 +114,7 @@ PRESET=""
 if [[ $# -gt 0 && "$1" != --* ]]; then PRESET="$1"; shift; fi
 [[ -z "$PRESET" || -f "$PRESET" ]] || { echo "train.sh: preset $PRESET not found" >&2; exit 2; }
 # Reference knobs with nothing to set here: refused, never silently ignored.
-[[ -z "${MODEL_VERSION:-}" ]] || { echo "train.sh: MODEL_VERSION is not used: the decoder is always Qwen2 (the reference's qwen2/gemma both meant it); unset it" >&2; exit 2; }
+[[ -z "${MODEL_VERSION:-}" ]] || { echo "train.sh: MODEL_VERSION is not used: in the reference it picked a LLaVA conversation template that its packing collator never reads (its prompts are --chat_template reference here); the decoder is the checkpoint's backbone (qwen2 | qwen3); unset it" >&2; exit 2; }
 [[ -z "${VQ_RESOLUTION:-}" ]] || { echo "train.sh: VQ_RESOLUTION is not used: the image resolution is the image tokenizer's own (IMAGE_TOKENIZER_PATH); unset it" >&2; exit 2; }
 
 bash tools/setup_env.sh
@@ -143,7 +147,8 @@ KNOBS=(
   CUSTOM_CLS:custom_cls MODEL_SPEC_MODULE:model_spec_module
   VISION_ENCODE_LAYERS:vision_encode_layers VISION_DECODE_LAYERS:vision_decode_layers
   ALL_MODAL_VISIBLE:all_modal_visible UNFREEZE_KEYS:unfreeze_keys FFN_VISION_SIZE:ffn_vision_size
-  FFN_SHARE_SIZE:ffn_share_size BF16:bf16 LEARNING_RATE:learning_rate MAX_STEPS:max_steps
+  FFN_SHARE_SIZE:ffn_share_size ADD_SHARE_FFN:add_share_ffn DECODER_SPARSE_STEP:decoder_sparse_step
+  MOT_STYLE:mot_style INIT_VISION_WITH_TEXT:init_vision_with_text BF16:bf16 LEARNING_RATE:learning_rate MAX_STEPS:max_steps
   TRAIN_BATCH_SIZE:per_device_train_batch_size MODEL_MAX_LENGTH:model_max_length USE_DATA_PACKING:use_data_packing
   GRAD_ACCUM_STEPS:gradient_accumulation_steps WEIGHT_DECAY:weight_decay WARMUP_RATIO:warmup_ratio
   LR_SCHEDULER:lr_scheduler_type IGNORE_INSTRUCTION:ignore_instruction CFG_DROPOUT:cfg_dropout SEED:seed

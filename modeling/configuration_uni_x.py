@@ -13,6 +13,8 @@ Layer kinds:
                    1: every token of the document)
     ``mot``        Mixture-of-Transformers layer: like ``separated`` but always globally visible
     ``moe``        shared attention and norms, FFN hard-routed by modality (text FFN / vision FFN)
+    ``share_ffn``  Uni-X middle layer with ``add_share_ffn=1`` (the reference's ``UniShareQwen3MLP``): shared attention
+                   and norms; text tokens get text FFN + shared FFN, vision tokens vision FFN + shared FFN
 
 Backbones (``backbone``): every layer kind is built from the stock decoder layer of one transformers model family.
     ``qwen2``  ``Qwen2DecoderLayer``: q/k/v projections with bias (Qwen2, Qwen2.5 checkpoints)
@@ -42,17 +44,21 @@ from modeling.vocab import CodeVocab
 VARIANTS = ("dense", "uni_x", "mot", "moe")
 LEGACY_VARIANT = "unix"  # the pre-rename spelling of "uni_x", still read from old config.json files
 LEGACY_MODEL_TYPE = "unix_qwen2"  # the pre-rename model_type, loaded by `LegacyUniXConfig`
-LAYER_KINDS = ("shared", "separated", "mot", "moe")
+LAYER_KINDS = ("shared", "separated", "mot", "moe", "share_ffn")
+MOT_STYLES = ("ours", "reference")
 BACKBONES = ("qwen2", "qwen3")
 
 
 def derive_layer_kinds(
-    variant: str, num_layers: int, vision_encode_layers: int, vision_decode_layers: int, moe_every_k: int
+    variant: str, num_layers: int, vision_encode_layers: int, vision_decode_layers: int, moe_every_k: int,
+    add_share_ffn: int = 0,
 ) -> list[str]:
     """Expand the variant's size fields into one kind per layer.
 
     >>> derive_layer_kinds("uni_x", 5, 2, 1, 1)
     ['separated', 'separated', 'shared', 'shared', 'separated']
+    >>> derive_layer_kinds("uni_x", 4, 1, 1, 1, add_share_ffn=1)   # the reference's middle layers [N, L-M)
+    ['separated', 'share_ffn', 'share_ffn', 'separated']
     >>> derive_layer_kinds("moe", 4, 0, 0, 2)   # every k-th layer, counting from 1: layers 2 and 4
     ['shared', 'moe', 'shared', 'moe']
     """
@@ -63,7 +69,8 @@ def derive_layer_kinds(
     if variant == "moe":
         return ["moe" if (i + 1) % moe_every_k == 0 else "shared" for i in range(num_layers)]
     middle = num_layers - vision_encode_layers - vision_decode_layers
-    return ["separated"] * vision_encode_layers + ["shared"] * middle + ["separated"] * vision_decode_layers
+    middle_kind = "share_ffn" if add_share_ffn else "shared"
+    return ["separated"] * vision_encode_layers + [middle_kind] * middle + ["separated"] * vision_decode_layers
 
 
 @strict(accept_kwargs=True)
@@ -73,8 +80,19 @@ class UniXConfig(Qwen2Config):
     Args (beyond `Qwen2Config`):
         variant: ``dense`` | ``uni_x`` | ``mot`` | ``moe``.
         vision_encode_layers / vision_decode_layers: Uni-X only; number of first / last layers with a vision branch.
-        ffn_vision_size: FFN width of vision branches (``None`` -> ``intermediate_size``).
-        ffn_share_size: FFN width of shared and text branches (``None`` -> ``intermediate_size``).
+        ffn_vision_size: FFN width of the vision branches: Uni-X separated layers, MoT layers, MoE experts, and with
+            ``add_share_ffn=1`` the middle layers' vision FFN (``None`` -> ``intermediate_size``). With
+            ``add_share_ffn=1`` the separated layers' vision FFN is ``intermediate_size`` (the reference's stock
+            Qwen3 vision layers) and ``0`` means "no vision FFN in the middle layers" (the reference's meaning).
+        ffn_share_size: the reference's meaning: width of the shared FFN that ``add_share_ffn=1`` adds to every middle
+            layer, for every token (``None`` -> ``intermediate_size``; ``0``: none). Unused without
+            ``add_share_ffn``. Text FFNs are always ``intermediate_size``.
+        add_share_ffn: Uni-X only; 1: the middle (shared) layers ``[vision_encode_layers, L - vision_decode_layers)``
+            become ``share_ffn`` layers (the reference's ``UniShareQwen3MLP``): text tokens -> text FFN + shared FFN,
+            vision tokens -> vision FFN + shared FFN; attention and norms stay shared.
+        mot_style: MoT only. ``ours``: per-modality q/k/v/o, norms and FFN. ``reference``: the reference's MoT
+            baseline (its ``mot_qwen.py``): per-modality q/k/v (and Qwen3 q/k norms) and FFN, but ONE
+            ``input_layernorm``/``post_attention_layernorm`` and the text ``o_proj`` for every token.
         all_modal_visible: Uni-X separated layers: 0 attend within the token's own modality, 1 to the whole document.
         moe_every_k: MoE only; layer ``i`` (0-based) is an expert layer iff ``(i + 1) % moe_every_k == 0``.
         image_offset, image_level_sizes, vision_start_token_id, vision_end_token_id, image_max_grid: the joint
@@ -98,6 +116,8 @@ class UniXConfig(Qwen2Config):
     ffn_share_size: int | None = None
     all_modal_visible: int = 0
     moe_every_k: int = 1
+    add_share_ffn: int = 0
+    mot_style: str = "ours"
     image_offset: int = 151665
     image_level_sizes: list[int] | tuple[int, ...] = (8192,)
     vision_start_token_id: int = 151652
@@ -133,10 +153,24 @@ class UniXConfig(Qwen2Config):
         for name in ("vision_encode_layers", "vision_decode_layers", "image_offset"):
             if getattr(self, name) < 0:
                 raise ValueError(f"UniXConfig: {name}={getattr(self, name)} must be >= 0")
+        if self.add_share_ffn not in (0, 1):
+            raise ValueError(f"UniXConfig: add_share_ffn={self.add_share_ffn} must be 0 or 1")
+        if self.add_share_ffn and self.variant != "uni_x":
+            raise ValueError(f"UniXConfig: add_share_ffn=1 is a Uni-X field (it changes the middle layers) but "
+                             f"variant={self.variant!r}")
         for name in ("ffn_vision_size", "ffn_share_size"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"UniXConfig: {name}={value} must be positive or None (-> intermediate_size)")
+            # 0 = "no such FFN" exists only in the reference's share-FFN layers
+            if value is not None and (value < 0 or (value == 0 and not self.add_share_ffn)):
+                raise ValueError(f"UniXConfig: {name}={value} must be positive or None (-> intermediate_size); 0 "
+                                 "(no such FFN) only with add_share_ffn=1")
+        if self.add_share_ffn and self.ffn_vision_size == 0 and self.ffn_share_size == 0:
+            raise ValueError("UniXConfig: add_share_ffn=1 with ffn_vision_size=0 and ffn_share_size=0 leaves vision "
+                             "tokens of the middle layers without any FFN; give one of them a width")
+        if self.mot_style not in MOT_STYLES:
+            raise ValueError(f"UniXConfig: unknown mot_style={self.mot_style!r}; choose one of {MOT_STYLES}")
+        if self.mot_style != "ours" and self.variant != "mot":
+            raise ValueError(f"UniXConfig: mot_style={self.mot_style!r} is a MoT field but variant={self.variant!r}")
         if self.variant == "uni_x":
             separated = self.vision_encode_layers + self.vision_decode_layers
             if separated > self.num_hidden_layers:
@@ -168,9 +202,8 @@ class UniXConfig(Qwen2Config):
                 f"{self.image_offset} + sum(image_level_sizes)={vocab.num_image_tokens} + 2 * image_max_grid="
                 f"{2 * vocab.max_grid} = {vocab.total_vocab_size}"
             )
-        derived = derive_layer_kinds(
-            self.variant, self.num_hidden_layers, self.vision_encode_layers, self.vision_decode_layers, self.moe_every_k
-        )
+        derived = derive_layer_kinds(self.variant, self.num_hidden_layers, self.vision_encode_layers,
+                                     self.vision_decode_layers, self.moe_every_k, self.add_share_ffn)
         if self.layer_kinds is not None and list(self.layer_kinds) != derived:
             raise ValueError(
                 f"UniXConfig: layer_kinds={list(self.layer_kinds)} disagrees with the kinds derived from variant="
@@ -196,11 +229,19 @@ class UniXConfig(Qwen2Config):
 
     @property
     def vision_ffn_size(self) -> int:
-        return self.ffn_vision_size or self.intermediate_size
+        """Width of the vision FFN of MoT / MoE / share-FFN layers (0: none, share-FFN layers only)."""
+        return self.intermediate_size if self.ffn_vision_size is None else self.ffn_vision_size
+
+    @property
+    def separated_vision_ffn_size(self) -> int:
+        """Width of the Uni-X separated layers' vision FFN: ``ffn_vision_size``, except with ``add_share_ffn=1``,
+        where ``ffn_vision_size`` is the middle layers' vision FFN and the two ends are stock-width (the reference)."""
+        return self.intermediate_size if self.add_share_ffn else self.vision_ffn_size
 
     @property
     def share_ffn_size(self) -> int:
-        return self.ffn_share_size or self.intermediate_size
+        """Width of the shared FFN of ``share_ffn`` layers (0: none)."""
+        return self.intermediate_size if self.ffn_share_size is None else self.ffn_share_size
 
     @property
     def has_same_modality_layers(self) -> bool:
@@ -252,5 +293,5 @@ class LegacyUniXConfig(UniXConfig):
 
 Variant = Literal["dense", "uni_x", "mot", "moe"]
 Backbone = Literal["qwen2", "qwen3"]
-__all__ = ["UniXConfig", "LegacyUniXConfig", "derive_layer_kinds", "VARIANTS", "LAYER_KINDS", "BACKBONES", "Variant",
-           "Backbone"]
+__all__ = ["UniXConfig", "LegacyUniXConfig", "derive_layer_kinds", "VARIANTS", "LAYER_KINDS", "BACKBONES", "MOT_STYLES",
+           "Variant", "Backbone"]

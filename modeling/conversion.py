@@ -15,9 +15,14 @@ biases weighed. Qwen3 -> ``qwen2`` has no such move and is refused.
 The reference's released Uni-X checkpoints (its own layout, ``vision_encode_layers`` / ``vision_decode_layers``
 module lists) import with ``import_reference`` and export back with ``export_reference`` (see those functions).
 
-Initialisation (DESIGN.md section 4): every vision branch is a copy of the text layer at the same depth (layer i ->
-encode layer i; layer L-M+i -> decode layer i, which IS layer L-M+i; MoT/MoE: the vision experts copy the text
-ones). A vision FFN of another width cannot be copied: it keeps its random init and the log says so.
+Initialisation (DESIGN.md section 4), ``init_vision_with_text`` (the reference's name): 1 (this toolkit's default)
+makes every vision branch a copy of the text layer at the same depth (layer i -> encode layer i; layer L-M+i ->
+decode layer i, which IS layer L-M+i; MoT/MoE/share-FFN: the vision experts copy the text ones); a vision FFN of
+another width cannot be copied and keeps its random init (the log says so). 0 leaves every vision weight at its
+random init (transformers' ``_init_weights``: normal, std ``initializer_range``), which is what the reference gets by
+default (its ``init_vision_with_text=0`` loads a Qwen2.5 checkpoint into its classes and leaves the missing vision
+weights random) and always for its MoT/MoE baselines; ``mot_style="reference"`` therefore defaults to 0. The shared
+FFN of ``add_share_ffn=1`` has no text counterpart: it always starts random, as in the reference.
 
 New vocabulary rows (image codes, size tags, padding) are initialised as the reference does, by transformers'
 ``resize_token_embeddings(..., mean_resizing=True)`` itself: sampled from a multivariate normal with the mean of the
@@ -198,11 +203,18 @@ def _drop_qkv_biases(body: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in body.items() if k not in biases}
 
 
+def default_init_vision_with_text(config: UniXConfig) -> int:
+    """This toolkit copies the text weights into the vision branches (1); the reference's MoT baseline starts them at
+    random (0), so ``mot_style="reference"`` defaults to that."""
+    return 0 if config.mot_style == "reference" else 1
+
+
 @torch.no_grad()
 def convert_qwen(source: PreTrainedModel, config: UniXConfig, vocab_layout: str = "compact",
-                 seed: int = 0) -> UniXForCausalLM:
+                 seed: int = 0, init_vision_with_text: int | None = None) -> UniXForCausalLM:
     """Build a ``config.variant`` model initialised from an in-memory Qwen2/Qwen3 model (see the module docstring);
-    ``config`` comes from `uni_x_config_from_qwen` with the same ``vocab_layout``."""
+    ``config`` comes from `uni_x_config_from_qwen` with the same ``vocab_layout``; ``init_vision_with_text``: None ->
+    `default_init_vision_with_text`."""
     model = UniXForCausalLM(config).to(source.dtype)
     state = source.state_dict()
     embed_key, head_key = "model.embed_tokens.weight", "lm_head.weight"
@@ -221,18 +233,24 @@ def convert_qwen(source: PreTrainedModel, config: UniXConfig, vocab_layout: str 
             params[k].fill_(1.0)
     kept, _ = joint_vocab_rows(state[embed_key].shape[0], config.code_vocab, vocab_layout)
     _init_vocabulary_rows(model, state, kept, seed)
-    copied = _copy_vision_branches(model, config)
+    if init_vision_with_text is None:
+        init_vision_with_text = default_init_vision_with_text(config)
+    copied = copy_vision_branches(model) if init_vision_with_text else set()
     left_random = [k for k in missing if k not in copied and k not in (embed_key, head_key) and k not in head_norms]
     if left_random:
-        logger.warning("{} vision parameters keep their random init (FFN width {} != text width {}): {}",
-                       len(left_random), config.vision_ffn_size, config.share_ffn_size, left_random[:4])
+        why = ("init_vision_with_text=0" if not init_vision_with_text
+               else "no text counterpart of that shape (another FFN width, or the shared FFN)")
+        logger.warning("{} vision/shared-FFN parameters keep their random init ({}): {}", len(left_random), why,
+                       left_random[:4])
     logger.info("converted {} -> {} on backbone {} (layer kinds {}), vocab {} -> {}", source.config.model_type,
                 config.variant, config.backbone, config.layer_kinds, source.config.vocab_size, config.vocab_size)
     return model
 
 
-def _copy_vision_branches(model: UniXForCausalLM, config: UniXConfig) -> set[str]:
-    """Vision branch of layer i <- text branch of layer i (same depth); returns the names of copied parameters."""
+@torch.no_grad()
+def copy_vision_branches(model: UniXForCausalLM) -> set[str]:
+    """Vision branch of layer i <- text branch of layer i (same depth), where the shapes match: the reference's
+    ``init_vision_weights`` (``init_vision_with_text=1``); returns the names of copied parameters."""
     copied = set()
     for pair in vision_text_pairs(model):
         if pair.text.shape == pair.vision.shape:
@@ -276,6 +294,9 @@ def to_dense_qwen(model: UniXForCausalLM) -> PreTrainedModel:
     config = model.config
     if config.variant == "uni_x" and (config.vision_encode_layers or config.vision_decode_layers):
         raise ValueError(UNI_X_TO_DENSE_UNDEFINED)
+    if config.add_share_ffn:
+        raise ValueError("add_share_ffn=1 -> dense is not defined: every token of the middle layers adds the shared "
+                         "FFN (share_mlp), which a dense Qwen layer has no place for")
     differing = [pair.vision_name for pair in vision_text_pairs(model)
                  if pair.text.shape != pair.vision.shape or not torch.equal(pair.text, pair.vision)]
     if differing:
@@ -284,12 +305,12 @@ def to_dense_qwen(model: UniXForCausalLM) -> PreTrainedModel:
     d = config.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "layer_kinds", "variant",
                 "vision_encode_layers", "vision_decode_layers", "ffn_vision_size", "ffn_share_size",
-                "all_modal_visible", "moe_every_k", "image_offset", "image_level_sizes", "image_max_grid", "backbone"):
+                "all_modal_visible", "moe_every_k", "image_offset", "image_level_sizes", "image_max_grid", "backbone",
+                "add_share_ffn", "mot_style"):
         d.pop(key, None)
     if config.backbone == "qwen2":  # Qwen2's config has no such fields; its head width is hidden / heads
         d.pop("head_dim", None)
         d.pop("attention_bias", None)
-    d["intermediate_size"] = config.share_ffn_size
     causal_lm, config_class = BACKBONE_CAUSAL_LM[config.backbone]
     dense = causal_lm(config_class(**d)).to(model.dtype)
     state = {k: v for k, v in model.state_dict().items() if ".vision." not in k and ".vision_mlp." not in k}
@@ -305,10 +326,13 @@ def to_dense_qwen(model: UniXForCausalLM) -> PreTrainedModel:
 #   model.vision_encode_layers.{i}.*   (i < N)     model.layers.{i}.vision.*
 #   model.vision_decode_layers.{j}.*   (j < M)     model.layers.{L-M+j}.vision.*
 #   model.embed_tokens / model.norm / lm_head      the same (lm_head absent when tied, as transformers saves it)
+#   model.layers.{l}.mlp.share_{g,u,d}_proj.*      model.layers.{l}.share_mlp.{g,u,d}_proj.*   (add_share_ffn=1,
+#   model.layers.{l}.mlp.vision_{g,u,d}_proj.*     model.layers.{l}.vision_mlp.{g,u,d}_proj.*   middle layers l)
 #
 # Its config is a Qwen3Config (model_type "qwen3") plus the fields of its `CustomConfigMixin.set_extra_args`; the
-# vision FFN of its Uni-X layers is a stock Qwen3DecoderLayer of `intermediate_size` (its `ffn_vision_size` only
-# serves its other modules). One embedding table of Qwen2.5's 151,936 rows + 8,192 codes = 160,128 rows, image code
+# vision FFN of its Uni-X separated layers is a stock Qwen3DecoderLayer of `intermediate_size`; its `ffn_vision_size`
+# and `ffn_share_size` are the widths of the middle layers' vision / shared FFN when `add_share_ffn=1` (unused
+# otherwise), exactly our fields' meaning with add_share_ffn=1. One embedding table of Qwen2.5's 151,936 rows + 8,192 codes = 160,128 rows, image code
 # c at id real_text_vocab_size + c = 151,665 + c (our ``vocab_layout="reference"``), tied input/output embeddings.
 REFERENCE_ARCHITECTURES = ("UniQwen3ForCausalLM", "UniQwen3ForCausalLMInference")
 REFERENCE_FIELDS = ("num_vision_encode_layers", "num_vision_decode_layers", "vision_vocab_size", "all_modal_visible",
@@ -318,7 +342,6 @@ REFERENCE_FIELDS = ("num_vision_encode_layers", "num_vision_decode_layers", "vis
 # fields an import must find at these values: anything else is an architecture this layout cannot hold
 REFERENCE_REQUIRED_VALUES = {
     "all_modal_visible": (0, "the reference's Uni-X trains and infers with same-modality attention only"),
-    "add_share_ffn": (0, "its middle layers carry a shared FFN beside each modality's own (UniShareQwen3MLP)"),
     "skip_connection_loc": (-1, "a vision skip connection (the reference's own inference refuses it too)"),
     "add_sep_for_vis": (0, "separator tokens counted as vision tokens (a vision rule CodeVocab does not have)"),
 }
@@ -328,6 +351,8 @@ REFERENCE_UNUSED_DEFAULTS = {"add_sep_for_vis": 0, "vis_sep_tokens": "<|vision_p
                              "attn_v_q_heads": 4, "decoder_sparse_step": 2}
 _REFERENCE_BRANCH = re.compile(r"^model\.vision_(encode|decode)_layers\.(\d+)\.(.+)$")
 _OUR_BRANCH = re.compile(r"^model\.layers\.(\d+)\.vision\.(.+)$")
+_REFERENCE_SHARE_MLP = re.compile(r"^(model\.layers\.\d+)\.mlp\.(share|vision)_(gate|up|down)_proj\.(.+)$")
+_OUR_SHARE_MLP = re.compile(r"^(model\.layers\.\d+)\.(share|vision)_mlp\.(gate|up|down)_proj\.(.+)$")
 
 
 def reference_key_to_ours(key: str, num_layers: int, num_decode: int) -> str:
@@ -335,7 +360,12 @@ def reference_key_to_ours(key: str, num_layers: int, num_decode: int) -> str:
 
     >>> reference_key_to_ours("model.vision_decode_layers.1.mlp.up_proj.weight", 36, 6)
     'model.layers.31.vision.mlp.up_proj.weight'
+    >>> reference_key_to_ours("model.layers.20.mlp.share_up_proj.weight", 36, 6)
+    'model.layers.20.share_mlp.up_proj.weight'
     """
+    share = _REFERENCE_SHARE_MLP.match(key)
+    if share is not None:
+        return f"{share.group(1)}.{share.group(2)}_mlp.{share.group(3)}_proj.{share.group(4)}"
     m = _REFERENCE_BRANCH.match(key)
     if m is None:
         return key
@@ -349,7 +379,12 @@ def ours_key_to_reference(key: str, num_layers: int, num_decode: int) -> str:
 
     >>> ours_key_to_reference("model.layers.31.vision.mlp.up_proj.weight", 36, 6)
     'model.vision_decode_layers.1.mlp.up_proj.weight'
+    >>> ours_key_to_reference("model.layers.20.vision_mlp.up_proj.weight", 36, 6)
+    'model.layers.20.mlp.vision_up_proj.weight'
     """
+    share = _OUR_SHARE_MLP.match(key)
+    if share is not None:
+        return f"{share.group(1)}.mlp.{share.group(2)}_{share.group(3)}_proj.{share.group(4)}"
     m = _OUR_BRANCH.match(key)
     if m is None:
         return key
@@ -392,7 +427,8 @@ def _read_config_json(directory: str | Path) -> dict:
 
 def uni_x_config_from_reference(ref: dict, vision_end_token_id: int, where: str = "config.json") -> UniXConfig:
     """Our `UniXConfig` for a reference Uni-X config dict: ``backbone="qwen3"``, ``variant="uni_x"``, the same
-    separated layers, same-modality attention, vision FFNs as wide as the text ones, its vocabulary."""
+    separated layers, same-modality attention, separated vision FFNs as wide as the text ones, its vocabulary, and
+    its ``add_share_ffn`` with its ``ffn_vision_size`` / ``ffn_share_size`` (same meaning here) when set."""
     architectures = ref.get("architectures") or []
     if ref.get("model_type") != "qwen3" or not set(architectures) & set(REFERENCE_ARCHITECTURES):
         raise ValueError(f"{where}: model_type={ref.get('model_type')!r}, architectures={architectures}: not the "
@@ -413,10 +449,13 @@ def uni_x_config_from_reference(ref: dict, vision_end_token_id: int, where: str 
     try:
         vocab = CodeVocab(int(ref["real_text_vocab_size"]), (int(ref["vision_vocab_size"]),),
                           int(ref["vision_start_id"]), vision_end_token_id)
+        share = int(ref.get("add_share_ffn", 0) or 0)
         d.update(backbone="qwen3", variant="uni_x", vision_encode_layers=int(ref["num_vision_encode_layers"]),
-                 vision_decode_layers=int(ref["num_vision_decode_layers"]), all_modal_visible=0,
-                 ffn_vision_size=None, ffn_share_size=None, head_dim=ref.get("head_dim", 128),
-                 attention_bias=ref.get("attention_bias", False))
+                 vision_decode_layers=int(ref["num_vision_decode_layers"]), all_modal_visible=0, add_share_ffn=share,
+                 # without add_share_ffn the reference's widths are unused (its default 2048 is carried along)
+                 ffn_vision_size=int(ref["ffn_vision_size"]) if share else None,
+                 ffn_share_size=int(ref["ffn_share_size"]) if share else None,
+                 head_dim=ref.get("head_dim", 128), attention_bias=ref.get("attention_bias", False))
         return UniXConfig.from_dict_with_vocab(d, vocab)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from e
@@ -430,9 +469,9 @@ def reference_config_from_ours(config: UniXConfig) -> dict:
     if config.variant != "uni_x" or config.all_modal_visible:
         problems.append(f"variant={config.variant!r}, all_modal_visible={config.all_modal_visible} (the reference "
                         "holds Uni-X with same-modality attention only)")
-    if config.vision_ffn_size != config.intermediate_size or config.share_ffn_size != config.intermediate_size:
-        problems.append(f"FFN widths vision {config.vision_ffn_size} / shared {config.share_ffn_size} != "
-                        f"intermediate_size={config.intermediate_size} (its layers are stock Qwen3 layers)")
+    if config.separated_vision_ffn_size != config.intermediate_size:
+        problems.append(f"separated vision FFN width {config.separated_vision_ffn_size} != intermediate_size="
+                        f"{config.intermediate_size} (its separated layers are stock Qwen3 layers)")
     vocab = config.code_vocab
     if len(vocab.level_sizes) != 1 or vocab.max_grid:
         problems.append(f"image_level_sizes={list(vocab.level_sizes)}, image_max_grid={vocab.max_grid} (the reference "
@@ -442,7 +481,8 @@ def reference_config_from_ours(config: UniXConfig) -> dict:
     d = config.to_dict()
     for key in ("variant", "vision_encode_layers", "vision_decode_layers", "ffn_vision_size", "ffn_share_size",
                 "all_modal_visible", "moe_every_k", "image_offset", "image_level_sizes", "vision_start_token_id",
-                "vision_end_token_id", "image_max_grid", "layer_kinds", "backbone", "transformers_version"):
+                "vision_end_token_id", "image_max_grid", "layer_kinds", "backbone", "transformers_version",
+                "add_share_ffn", "mot_style"):
         d.pop(key, None)
     rope = dict(config.rope_parameters)
     d.update(REFERENCE_UNUSED_DEFAULTS)
@@ -450,8 +490,10 @@ def reference_config_from_ours(config: UniXConfig) -> dict:
         model_type="qwen3", architectures=[REFERENCE_ARCHITECTURES[0]],
         num_vision_encode_layers=config.vision_encode_layers, num_vision_decode_layers=config.vision_decode_layers,
         vision_vocab_size=vocab.level_sizes[0], all_modal_visible=0, real_text_vocab_size=vocab.image_offset,
-        vision_start_id=vocab.vision_start_id, ffn_share_size=config.intermediate_size,
-        ffn_vision_size=config.intermediate_size,
+        vision_start_id=vocab.vision_start_id, add_share_ffn=config.add_share_ffn,
+        # unused by the reference without add_share_ffn: written as the real width of its vision layers
+        ffn_share_size=config.share_ffn_size if config.add_share_ffn else config.intermediate_size,
+        ffn_vision_size=config.vision_ffn_size if config.add_share_ffn else config.intermediate_size,
         # transformers 4.x (the reference pins 4.53) reads these two; 5.x reads rope_parameters
         rope_theta=rope["rope_theta"], rope_scaling=None if rope.get("rope_type", "default") == "default" else rope,
     )
@@ -591,8 +633,8 @@ TOKENIZER_FILE_PREFIXES = ("tokenizer", "special_tokens_map", "vocab.", "merges.
 
 
 def export_reference(src: str, dst: str) -> str:
-    """One of our Uni-X checkpoints (``backbone=qwen3``, same-modality attention, FFNs of ``intermediate_size``,
-    one codebook) -> the reference's layout in ``dst`` (config with its fields, renamed weights, the tokenizer)."""
+    """One of our Uni-X checkpoints (``backbone=qwen3``, same-modality attention, separated FFNs of
+    ``intermediate_size``, one codebook; ``add_share_ffn`` either way) -> the reference's layout in ``dst`` (config with its fields, renamed weights, the tokenizer)."""
     _require_new_dir(dst)
     config = UniXConfig.from_pretrained(src)
     ref = reference_config_from_ours(config)
@@ -615,6 +657,15 @@ def export_reference(src: str, dst: str) -> str:
     return out
 
 
+def resolve_moe_every_k(moe_every_k: int | None, decoder_sparse_step: int | None) -> int:
+    """Our ``moe_every_k`` from it or the reference's ``decoder_sparse_step`` (same rule: expert layer iff
+    ``(i + 1) % k == 0``, its ``DecoderLayer``); both given and different is an error; neither -> 1."""
+    if moe_every_k is not None and decoder_sparse_step is not None and moe_every_k != decoder_sparse_step:
+        raise ValueError(f"moe_every_k={moe_every_k} and decoder_sparse_step={decoder_sparse_step} are the same knob "
+                         "(the reference's name and ours): give one")
+    return next((k for k in (moe_every_k, decoder_sparse_step) if k is not None), 1)
+
+
 def convert(
     dst: str,
     src: str | None = None,
@@ -629,7 +680,12 @@ def convert(
     vision_end_token_id: int = QWEN25_VISION_END,
     ffn_vision_size: int | None = None,
     all_modal_visible: int = 0,
-    moe_every_k: int = 1,
+    moe_every_k: int | None = None,
+    decoder_sparse_step: int | None = None,
+    add_share_ffn: int = 0,
+    ffn_share_size: int | None = None,
+    mot_style: str = "ours",
+    init_vision_with_text: int | None = None,
     from_config: str | None = None,
     to_dense: bool = False,
     dtype: str = "auto",
@@ -651,7 +707,14 @@ def convert(
         seed: seeds the sampling of the new rows.
         backbone: None follows the source (exact); ``qwen3`` with a Qwen2/Qwen2.5 source is the reference's move,
             which changes the function (module docstring; logged as a warning).
+        moe_every_k / decoder_sparse_step: MoE: layer i is an expert layer iff (i + 1) % k == 0; the reference's
+            name and our own mean the same (default 1; the reference's default is 2); give one.
+        add_share_ffn / ffn_share_size / ffn_vision_size: the reference's shared-FFN middle layers (`UniXConfig`).
+        mot_style: ``ours`` or ``reference`` (the reference's MoT baseline, `modeling.modeling_mot`).
+        init_vision_with_text: 1 copy the text weights into the vision branches, 0 leave them random (module
+            docstring); None: 1, except 0 for ``mot_style="reference"``.
     """
+    moe_every_k = resolve_moe_every_k(moe_every_k, decoder_sparse_step)
     if from_config is not None:
         model = build_model(UniXConfig.from_json_file(from_config))
     elif src is None:
@@ -666,9 +729,10 @@ def convert(
             source.config, vocab, variant=variant, vision_encode_layers=vision_encode_layers,
             vision_decode_layers=vision_decode_layers, ffn_vision_size=ffn_vision_size,
             all_modal_visible=all_modal_visible, moe_every_k=moe_every_k, vocab_layout=vocab_layout,
-            pad_to_multiple_of=pad_to_multiple_of, backbone=backbone,
+            pad_to_multiple_of=pad_to_multiple_of, backbone=backbone, add_share_ffn=add_share_ffn,
+            ffn_share_size=ffn_share_size, mot_style=mot_style,
         )
-        model = convert_qwen(source, config, vocab_layout, seed)
+        model = convert_qwen(source, config, vocab_layout, seed, init_vision_with_text)
         if tokenizer is not None:  # with the vision tokens if they had to be added
             tokenizer.save_pretrained(dst)
     Path(dst).mkdir(parents=True, exist_ok=True)  # only now: a failed conversion leaves nothing behind

@@ -1,6 +1,6 @@
 """``config.layer_kinds`` entry -> decoder-layer class: the one registry of layer kinds.
 
-It sits above every layer module (layers, MoT, MoE) and below the model, so no module imports another in a cycle.
+It sits above every layer module (layers, MoT, MoE, share-FFN) and below the model, so no module imports another in a cycle.
 """
 
 from __future__ import annotations
@@ -9,12 +9,14 @@ from modeling.configuration_uni_x import LAYER_KINDS
 from modeling.layers import SeparatedDecoderLayer, SharedDecoderLayer
 from modeling.modeling_moe import MoEDecoderLayer
 from modeling.modeling_mot import MoTDecoderLayer
+from modeling.modeling_share_ffn import ShareFFNDecoderLayer
 
 LAYER_CLASSES: dict[str, type[SharedDecoderLayer]] = {
     "shared": SharedDecoderLayer,
     "separated": SeparatedDecoderLayer,
     "mot": MoTDecoderLayer,
     "moe": MoEDecoderLayer,
+    "share_ffn": ShareFFNDecoderLayer,
 }
 assert set(LAYER_CLASSES) == set(LAYER_KINDS), "every kind UniXConfig can derive needs a class here"
 

@@ -79,7 +79,7 @@ class SharedDecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         # The stock layer's own submodules, under their stock names: its parameter names (and so every checkpoint)
         # are the stock ones; only its forward is replaced by the routing below.
-        for name, module in stock_decoder_layer(config, config.share_ffn_size, layer_idx).named_children():
+        for name, module in stock_decoder_layer(config, config.intermediate_size, layer_idx).named_children():
             self.add_module(name, module)
         self.hidden_size = config.hidden_size
         self.config = config  # the model's own config object: follows set_attn_implementation
@@ -87,7 +87,8 @@ class SharedDecoderLayer(GradientCheckpointingLayer):
 
     # -- branch hooks: the vision side returns None for "shared with text"
     def attention_branches(self) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-        """Modules owning ``input_layernorm`` and ``self_attn`` for text and vision tokens."""
+        """Modules owning ``self_attn`` (q/k/v, and ``input_layernorm`` / ``o_proj`` unless the branch shares this
+        layer's: the reference-style MoT) for text and vision tokens."""
         return self, None
 
     def ffn_branches(self):
@@ -117,11 +118,13 @@ class SharedDecoderLayer(GradientCheckpointingLayer):
         xc_MD = xc_MD + routing.branch(xc_MD, text_ffn, vision_ffn)
         return routing.concat_to_rows(xc_MD).view(batch, seq, hidden)
 
-    @staticmethod
-    def _qkv(branch: torch.nn.Module):
-        """``x -> [q | k | v]`` of one branch (its input norm, projections and, on Qwen3, its q/k head norms)."""
+    def _qkv(self, branch: torch.nn.Module):
+        """``x -> [q | k | v]`` of one branch (its input norm, or this layer's where the branch has none; its
+        projections and, on Qwen3, its q/k head norms)."""
+        norm = getattr(branch, "input_layernorm", self.input_layernorm)
+
         def project(x_MD: torch.Tensor) -> torch.Tensor:
-            h_MD = branch.input_layernorm(x_MD)
+            h_MD = norm(x_MD)
             attn = branch.self_attn
             q_MF, k_MF, v_MF = attn.q_proj(h_MD), attn.k_proj(h_MD), attn.v_proj(h_MD)
             if isinstance(attn, Qwen3Attention):
@@ -146,7 +149,8 @@ class SharedDecoderLayer(GradientCheckpointingLayer):
                                  routing.modality_segments.kwargs())
         else:
             out_c = routing.rows_to_concat(self._attend_rows(routing.concat_to_rows(qkv_c), ctx, past_key_values))
-        return routing.branch(out_c, text.self_attn.o_proj, vision.self_attn.o_proj)
+        vision_o_proj = getattr(vision.self_attn, "o_proj", text.self_attn.o_proj)  # absent: shared (reference MoT)
+        return routing.branch(out_c, text.self_attn.o_proj, vision_o_proj)
 
     def _attend_rows(self, qkv_MF, ctx: LayerContext, past_key_values) -> torch.Tensor:
         """Attention over row-ordered tokens: the documents (varlen) or the explicit mask of this layer's kind."""
@@ -181,12 +185,17 @@ class SharedDecoderLayer(GradientCheckpointingLayer):
 
 class SeparatedDecoderLayer(SharedDecoderLayer):
     """Uni-X two-end layer: a parallel stock vision layer of the backbone (own attention projections, norms, FFN of
-    ``ffn_vision_size``); attention visibility follows ``config.all_modal_visible``."""
+    ``config.separated_vision_ffn_size``); attention visibility follows ``config.all_modal_visible``."""
 
     def __init__(self, config: UniXConfig, layer_idx: int):
         super().__init__(config, layer_idx)
-        self.vision = stock_decoder_layer(config, config.vision_ffn_size, layer_idx)
+        self.vision = stock_decoder_layer(config, self.vision_ffn_width(config), layer_idx)
         self.same_modality_only = not config.all_modal_visible
+
+    @staticmethod
+    def vision_ffn_width(config: UniXConfig) -> int:
+        """The vision layer's FFN width (MoT overrides: its vision FFN is always ``ffn_vision_size``)."""
+        return config.separated_vision_ffn_size
 
     def attention_branches(self):
         return self, self.vision

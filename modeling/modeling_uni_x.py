@@ -5,8 +5,9 @@ What differs from transformers' Qwen2 (everything else is inherited):
   ``Qwen3DecoderLayer``, same parameter names, so a Qwen2/Qwen3 checkpoint loads into the text path; the final norm
   and RoPE tables are the same modules in both families).
   A ``separated`` (Uni-X) or ``mot`` layer additionally owns ``vision``: a second stock decoder layer whose
-  submodules (norms, q/k/v/o, FFN of ``ffn_vision_size``) process the vision tokens. A ``moe`` layer owns only a
-  ``vision_mlp``. One forward serves every kind: gather -> branch -> scatter through `ModalityRouting`, whose index
+  submodules (norms, q/k/v/o, FFN of ``ffn_vision_size``) process the vision tokens (a reference-style MoT
+  vision branch has no norms or o_proj: the layer's own serve every token). A ``moe`` layer owns only a
+  ``vision_mlp``; a ``share_ffn`` layer (``add_share_ffn=1``) a ``vision_mlp`` and a ``share_mlp`` for every token. One forward serves every kind: gather -> branch -> scatter through `ModalityRouting`, whose index
   tensors are built once per batch in `UniXModel.forward`.
 - Attention inside a layer (all kinds):
     1. each token is normed and projected to q/k/v by ITS modality's branch (gathered rows only);
@@ -15,7 +16,8 @@ What differs from transformers' Qwen2 (everything else is inherited):
        Uni-X separated layer with ``all_modal_visible=0``, only over same-modality keys of the document: on packed
        rows by reordering into (modality, document) segments ("concat order", see `modeling.modality`), otherwise
        with an explicit same-modality mask (the key modality of cached tokens lives in one extra cache slot);
-    4. each token's attention output goes through ITS modality's o_proj, then its modality's norm + FFN.
+    4. each token's attention output goes through ITS modality's o_proj, then its modality's norm + FFN (where the
+       branch has one of its own).
   So with ``all_modal_visible=1`` a text query attends to vision keys projected by the vision k/v (and vice versa):
   each token is represented in attention the way its own branch sees it, and every branch's parameters are used
   only on its own tokens.
@@ -52,7 +54,8 @@ from modeling.modality import ModalityRouting, build_attention_masks, vision_tok
 class UniXPreTrainedModel(Qwen2PreTrainedModel):
     config_class = UniXConfig
     config: UniXConfig
-    _no_split_modules = ["SharedDecoderLayer", "SeparatedDecoderLayer", "MoTDecoderLayer", "MoEDecoderLayer"]
+    _no_split_modules = ["SharedDecoderLayer", "SeparatedDecoderLayer", "MoTDecoderLayer", "MoEDecoderLayer",
+                         "ShareFFNDecoderLayer"]
     _supports_flex_attn = False  # flex_attention has no CPU backward, and our masks are built here
     _can_compile_fullgraph = False  # routing builds index tensors with data-dependent shapes
     _can_record_outputs = {"hidden_states": SharedDecoderLayer}

@@ -11,7 +11,10 @@ mask error in the model's packed paths cannot be reproduced by the reference.
   document. Results are scattered back.
 * ``all_modal_visible=1``, MoT, MoE: token-wise, written out by hand: every token is normed and projected by its
   own branch, RoPE at its document position, causal attention over the whole document, its own branch's o_proj,
-  norm and FFN (MoE: shared attention, FFN by modality).
+  norm and FFN (MoE: shared attention, FFN by modality). The reference's MoT baseline (``mot_style="reference"``):
+  the vision branch is a stock layer whose norms and o_proj ARE the text layer's (its ``mot_qwen.py``).
+* ``add_share_ffn=1``: the middle layers' FFN is the reference's ``UniShareQwen3MLP`` written out here with masks
+  over the whole document: ``where(vision, vision_mlp, mlp) + share_mlp``.
 """
 
 from __future__ import annotations
@@ -30,11 +33,13 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3MLP
 
 from tests.model_fixtures import (
     NUM_CODES,
+    STOCK_CAUSAL_LM,
     TEXT_VOCAB,
     VISION_START,
     documents,
     pack,
     stock_config,
+    tiny_config,
     tiny_model,
 )
 
@@ -65,11 +70,37 @@ def _sub_state(model, prefix: str, drop: tuple[str, ...] = ()) -> dict:
     return out
 
 
+class _ReferenceShareMLP(torch.nn.Module):
+    """The reference's UniShareQwen3MLP over a whole document: own expert by the vision mask, plus the shared FFN
+    for every token (``vision`` / ``share`` None: that FFN is absent, its width 0)."""
+
+    def __init__(self, text, vision, share):
+        super().__init__()
+        self.text, self.vision, self.share = text, vision, share
+        self.vision_mask = None  # [T] bool, set per document
+
+    def forward(self, x_BTD):
+        own = self.text(x_BTD)
+        if self.vision is not None:
+            own = torch.where(self.vision_mask[None, :, None], self.vision(x_BTD), own)
+        else:
+            own = own * ~self.vision_mask[None, :, None]
+        return own + (self.share(x_BTD) if self.share is not None else 0)
+
+
+def _stock_mlp(cfg, width: int, state: dict):
+    mlp = STOCK[cfg.backbone][1](stock_config(cfg, width))
+    mlp.load_state_dict(state, strict=True)
+    return mlp
+
+
 def _branches(model):
     """Per layer: (kind, text stock layer, vision stock layer or None, vision MLP or None), from the variant fields."""
     cfg = model.config
     n = cfg.num_hidden_layers
-    share, vision_ffn = cfg.ffn_share_size or cfg.intermediate_size, cfg.ffn_vision_size or cfg.intermediate_size
+    vision_ffn = cfg.intermediate_size if cfg.ffn_vision_size is None else cfg.ffn_vision_size
+    share_ffn = cfg.intermediate_size if cfg.ffn_share_size is None else cfg.ffn_share_size
+    separated_ffn = cfg.intermediate_size if cfg.add_share_ffn else vision_ffn  # the reference's stock-width ends
     if cfg.variant == "uni_x":
         separated = set(range(cfg.vision_encode_layers)) | set(range(n - cfg.vision_decode_layers, n))
     else:
@@ -77,10 +108,21 @@ def _branches(model):
     out = []
     for i in range(n):
         prefix = f"model.layers.{i}."
-        text = _stock_layer(cfg, share, i, _sub_state(model, prefix, ("vision.", "vision_mlp.")))
+        text = _stock_layer(cfg, cfg.intermediate_size, i,
+                            _sub_state(model, prefix, ("vision.", "vision_mlp.", "share_mlp.")))
         vision = mlp = None
-        if i in separated:
-            vision = _stock_layer(cfg, vision_ffn, i, _sub_state(model, prefix + "vision."))
+        if i in separated and cfg.mot_style == "reference":
+            # the reference's MoT: its vision layer has no norms or o_proj of its own; it uses the text layer's
+            # (the text layer's state, overridden by every vision tensor there is: q/k/v, q/k norms, mlp)
+            state = {**_sub_state(model, prefix, ("vision.",)), **_sub_state(model, prefix + "vision.")}
+            vision = _stock_layer(cfg, vision_ffn, i, state)
+        elif i in separated:
+            vision = _stock_layer(cfg, separated_ffn, i, _sub_state(model, prefix + "vision."))
+        elif cfg.add_share_ffn:
+            text.mlp = _ReferenceShareMLP(
+                text.mlp,
+                _stock_mlp(cfg, vision_ffn, _sub_state(model, prefix + "vision_mlp.")) if vision_ffn else None,
+                _stock_mlp(cfg, share_ffn, _sub_state(model, prefix + "share_mlp.")) if share_ffn else None)
         if cfg.variant == "moe" and (i + 1) % cfg.moe_every_k == 0:
             mlp = STOCK[cfg.backbone][1](stock_config(cfg, vision_ffn))
             mlp.load_state_dict(_sub_state(model, prefix + "vision_mlp."), strict=True)
@@ -122,6 +164,8 @@ def _naive_same_modality(model, doc: list[int]) -> tuple[torch.Tensor, torch.Ten
         for idx, layer in groups:
             if idx.numel() == 0:
                 continue
+            if isinstance(layer.mlp, _ReferenceShareMLP):
+                layer.mlp.vision_mask = vision[idx]
             x = h[idx][None]
             cos_sin = rope(x, idx[None])  # the tokens' positions in the document, not 0..n-1 of the gathered run
             out[idx] = layer(x, attention_mask=_causal_mask(idx.numel()), position_embeddings=cos_sin)[0]
@@ -218,3 +262,93 @@ def test_references_tell_the_visibility_rules_apart(backbone):
     same, _ = _reference(model, DOCS, _naive_same_modality)
     document, _ = _reference(model, DOCS, _naive_document_visible)
     assert _max_diff(same, document) > 1e3 * ATOL
+
+
+# ------------------------------------------------------------------ the reference's knobs
+@pytest.mark.parametrize("widths", [dict(ffn_vision_size=40, ffn_share_size=24), dict(ffn_vision_size=0, ffn_share_size=24),
+                                    dict(ffn_vision_size=40, ffn_share_size=0)])
+@pytest.mark.parametrize("attn", IMPLEMENTATIONS)
+def test_add_share_ffn_equals_the_reference_share_mlp(widths, attn, backbone):
+    """add_share_ffn=1: middle layers = text/vision expert by modality + shared FFN (widths 0 = absent), the ends
+    stock-width vision layers; equal to the gather/scatter reference with UniShareQwen3MLP written out."""
+    model = tiny_model("uni_x_amv0", attn, num_hidden_layers=5, vision_encode_layers=2, vision_decode_layers=1,
+                       add_share_ffn=1, backbone=backbone, **widths)
+    assert model.config.layer_kinds == ["separated", "separated", "share_ffn", "share_ffn", "separated"]
+    assert model.model.layers[0].vision.mlp.up_proj.weight.shape[0] == model.config.intermediate_size
+    layer = model.model.layers[2]
+    assert hasattr(layer, "vision_mlp") == bool(widths["ffn_vision_size"])
+    assert hasattr(layer, "share_mlp") == bool(widths["ffn_share_size"])
+    want_hidden, want_logits = _reference(model, DOCS, _naive_same_modality)
+    hidden, logits = _packed(model, DOCS)
+    assert _max_diff(hidden, want_hidden) < ATOL and _max_diff(logits, want_logits) < ATOL
+
+
+def test_add_share_ffn_shared_term_reaches_every_token(backbone):
+    """Zeroing the shared FFN's output projection moves text AND vision tokens of a middle layer (it is added to
+    both), while zeroing the vision FFN moves only the vision tokens."""
+    model = tiny_model("uni_x_amv0", "eager", num_hidden_layers=3, vision_encode_layers=1, vision_decode_layers=1,
+                       add_share_ffn=1, ffn_vision_size=40, ffn_share_size=24, backbone=backbone)
+    docs = [DOCS[2]]
+    base, _ = _packed(model, docs)
+    vision = _is_vision(torch.tensor(docs[0]))
+    moved = {}
+    for name in ("share_mlp", "vision_mlp"):
+        with torch.no_grad():
+            saved = getattr(model.model.layers[1], name).down_proj.weight.clone()
+            getattr(model.model.layers[1], name).down_proj.weight.zero_()
+            changed = (_packed(model, docs)[0] - base).abs().amax(-1) > 1e-4
+            getattr(model.model.layers[1], name).down_proj.weight.copy_(saved)
+        moved[name] = changed
+    # the last layer is separated (same-modality attention): a change at text tokens stays at text tokens
+    assert moved["share_mlp"][~vision].all() and moved["share_mlp"][vision].all()
+    assert moved["vision_mlp"][vision].all() and not moved["vision_mlp"][~vision].any()
+
+
+@pytest.mark.parametrize("attn", IMPLEMENTATIONS)
+def test_reference_style_mot_equals_naive_with_shared_norms_and_o_proj(attn, backbone):
+    model = tiny_model("mot", attn, mot_style="reference", backbone=backbone)
+    want_hidden, want_logits = _reference(model, DOCS, _naive_document_visible)
+    hidden, logits = _packed(model, DOCS)
+    assert _max_diff(hidden, want_hidden) < ATOL and _max_diff(logits, want_logits) < ATOL
+
+
+def test_reference_style_mot_shares_norms_and_o_proj(backbone):
+    """The reference's MoT: no vision o_proj/norms at all, and the text o_proj / input norm act on vision tokens
+    (perturbing them moves an image-only document), unlike our MoT where they do not."""
+    names = {n for n, _ in tiny_model("mot", mot_style="reference", backbone=backbone).named_parameters()}
+    assert not [n for n in names if ".vision." in n and ("o_proj" in n or "layernorm" in n)]
+    assert "model.layers.0.vision.self_attn.q_proj.weight" in names and "model.layers.0.vision.mlp.up_proj.weight" in names
+    image_doc = [DOCS[1]]  # vision tokens only
+    moved = {}
+    for style in ("reference", "ours"):
+        model = tiny_model("mot", mot_style=style, backbone=backbone)
+        base, _ = _packed(model, image_doc)
+        with torch.no_grad():
+            model.model.layers[0].self_attn.o_proj.weight.mul_(2.0)
+            model.model.layers[0].input_layernorm.weight.mul_(3.0)
+        moved[style] = _max_diff(_packed(model, image_doc)[0], base)
+    assert moved["reference"] > 1e-2 and moved["ours"] == 0.0, moved
+
+
+def test_reference_style_mot_converts_with_random_vision_weights(backbone):
+    """Converted from a dense Qwen: the reference style starts its vision weights at random (they differ from the
+    text ones); init_vision_with_text=1 copies them (then MoT equals its source on any input: every vision weight
+    equals the text one and norms/o_proj are shared anyway)."""
+    from modeling.conversion import convert_qwen
+
+    torch.manual_seed(1)
+    cfg = tiny_config(variant="mot", mot_style="reference", backbone=backbone, ffn_vision_size=None)
+    source = STOCK_CAUSAL_LM[backbone](stock_config(cfg)).eval()
+    pairs = {}
+    for init in (None, 1):
+        model = convert_qwen(source, cfg, seed=0, init_vision_with_text=init).eval()
+        layer = model.model.layers[0]
+        pairs[init] = torch.equal(layer.vision.self_attn.q_proj.weight, layer.self_attn.q_proj.weight)
+        if init == 1:
+            ids = torch.tensor([DOCS[2]])
+            with torch.no_grad():  # the image-code rows are new (mean-resized): give the source the same rows
+                source.get_input_embeddings().weight.copy_(model.get_input_embeddings().weight)
+                source.get_output_embeddings().weight.copy_(model.get_output_embeddings().weight)
+                got, want = model(ids, use_cache=False).logits, source(ids, use_cache=False).logits
+            assert _max_diff(got[..., : want.shape[-1]], want) < ATOL
+    assert pairs == {None: False, 1: True}

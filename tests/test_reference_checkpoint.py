@@ -27,6 +27,7 @@ ENCODE, DECODE = 2, 2  # vision_encode_layers.{0,1} = layers 0, 1; vision_decode
 CODES, SPARE = 64, 9  # the reference: 8,192 codes after Qwen2.5's 151,936 rows (271 of them spare)
 EPS, THETA = 1e-6, 10000.0
 TOL = 1e-5
+SHARE_FFN, SHARE_VISION_FFN = 24, 16  # add_share_ffn=1: the middle layer's shared / vision FFN widths (distinct)
 
 
 # ------------------------------------------------------------------------- a checkpoint in the reference layout
@@ -66,11 +67,23 @@ def _reference_config(text_vocab: int, vision_start: int, **overrides) -> dict:
     return config
 
 
-def _reference_state(vocab_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def _share_mlp_shapes(prefix: str) -> dict[str, tuple[int, ...]]:
+    """The reference's UniShareQwen3MLP beside the stock mlp weights: ``mlp.share_*`` and ``mlp.vision_*``."""
+    shapes = {}
+    for kind, width in (("share", SHARE_FFN), ("vision", SHARE_VISION_FFN)):
+        shapes.update({f"{prefix}mlp.{kind}_gate_proj.weight": (width, HIDDEN),
+                       f"{prefix}mlp.{kind}_up_proj.weight": (width, HIDDEN),
+                       f"{prefix}mlp.{kind}_down_proj.weight": (HIDDEN, width)})
+    return shapes
+
+
+def _reference_state(vocab_size: int, seed: int = 0, add_share_ffn: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     shapes = {"model.embed_tokens.weight": (vocab_size, HIDDEN), "model.norm.weight": (HIDDEN,)}
     for i in range(LAYERS):
         shapes.update(_layer_shapes(f"model.layers.{i}."))
+        if add_share_ffn and ENCODE <= i < LAYERS - DECODE:
+            shapes.update(_share_mlp_shapes(f"model.layers.{i}."))
     for i in range(ENCODE):
         shapes.update(_layer_shapes(f"model.vision_encode_layers.{i}."))
     for j in range(DECODE):
@@ -102,6 +115,21 @@ def imported_dir(reference_dir, tmp_path_factory) -> Path:
                                  template_name="plain"))
 
 
+@pytest.fixture(scope="module")
+def reference_share_dir(reference_dir, tmp_path_factory) -> Path:
+    """The same layout with ``add_share_ffn=1``: the middle layer carries the reference's UniShareQwen3MLP."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("reference_share") / "uni-x-share"
+    shutil.copytree(reference_dir, root)
+    config = json.loads((root / "config.json").read_text())
+    config.update(add_share_ffn=1, ffn_share_size=SHARE_FFN, ffn_vision_size=SHARE_VISION_FFN)
+    (root / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(_reference_state(config["vocab_size"], seed=1, add_share_ffn=1), root / "model.safetensors",
+              metadata={"format": "pt"})
+    return root
+
+
 # ------------------------------------------------- the reference's inference forward, written out independently
 def _rms(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS))
@@ -115,8 +143,15 @@ def _rope(x_BHTd: torch.Tensor, positions_T: torch.Tensor) -> torch.Tensor:
     return x_BHTd * angles.cos() + torch.cat([-x2, x1], dim=-1) * angles.sin()
 
 
-def _decoder_layer(p: dict, prefix: str, h_BTD, positions_T, allowed_BTS, cache: dict, key) -> torch.Tensor:
-    """One Qwen3 layer over every token of ``h``, attending where ``allowed`` (bool, [B, T, past+T]) says."""
+def _swiglu(p: dict, prefix: str, x):
+    return (F.silu(x @ p[prefix + "gate_proj.weight"].T) * (x @ p[prefix + "up_proj.weight"].T)) @ p[
+        prefix + "down_proj.weight"].T
+
+
+def _decoder_layer(p: dict, prefix: str, h_BTD, positions_T, allowed_BTS, cache: dict, key,
+                   share_vision_BT=None) -> torch.Tensor:
+    """One Qwen3 layer over every token of ``h``, attending where ``allowed`` (bool, [B, T, past+T]) says;
+    ``share_vision_BT`` given: the FFN is the reference's UniShareQwen3MLP (own expert by that mask + shared)."""
     B, T, _ = h_BTD.shape
     x = _rms(h_BTD, p[prefix + "input_layernorm.weight"])
     q = _rms((x @ p[prefix + "self_attn.q_proj.weight"].T).view(B, T, HEADS, HEAD_DIM),
@@ -133,8 +168,11 @@ def _decoder_layer(p: dict, prefix: str, h_BTD, positions_T, allowed_BTS, cache:
     weights = scores.masked_fill(~allowed_BTS[:, None], float("-inf")).softmax(-1)  # a row with no key: NaN, unused
     h = h_BTD + (weights @ v).transpose(1, 2).reshape(B, T, HEADS * HEAD_DIM) @ p[prefix + "self_attn.o_proj.weight"].T
     x = _rms(h, p[prefix + "post_attention_layernorm.weight"])
-    ffn = (F.silu(x @ p[prefix + "mlp.gate_proj.weight"].T) * (x @ p[prefix + "mlp.up_proj.weight"].T))
-    return h + ffn @ p[prefix + "mlp.down_proj.weight"].T
+    if share_vision_BT is None:
+        return h + _swiglu(p, prefix + "mlp.", x)
+    # text: mlp + share; vision: vision expert + share (names with the reference's "share_"/"vision_" prefixes)
+    own = torch.where(share_vision_BT[..., None], _swiglu(p, prefix + "mlp.vision_", x), _swiglu(p, prefix + "mlp.", x))
+    return h + own + _swiglu(p, prefix + "mlp.share_", x)
 
 
 class ReferenceInference:
@@ -166,7 +204,8 @@ class ReferenceInference:
                 v = _decoder_layer(self.p, vision_prefix, h, positions_T, vision_BTS, self.cache, (i, "vision"))
                 h = torch.where(vision_BT[..., None], v, t)
             else:
-                h = _decoder_layer(self.p, text_prefix, h, positions_T, causal_BTS, self.cache, (i, "text"))
+                h = _decoder_layer(self.p, text_prefix, h, positions_T, causal_BTS, self.cache, (i, "text"),
+                                   vision_BT if c.get("add_share_ffn") else None)
         return _rms(h, self.p["model.norm.weight"]) @ self.p["model.embed_tokens.weight"].T
 
 
@@ -191,7 +230,7 @@ def _prompts(reference_dir: Path) -> list[list[int]]:
     ]
 
 
-def max_logit_differences(imported_dir: Path, reference_dir: Path, attn: str) -> tuple[float, float]:
+def max_logit_differences(imported_dir: Path, reference_dir: Path, attn: str, tol: float = TOL) -> tuple[float, float]:
     """Max |ours - reference| over the prompts: full forwards (no cache), and prefill + token-by-token decoding
     on both sides' KV caches."""
     ref_config = json.loads((reference_dir / "config.json").read_text())
@@ -213,7 +252,7 @@ def max_logit_differences(imported_dir: Path, reference_dir: Path, attn: str) ->
                 out = model(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
                 steps.append(out.logits[0])
             ref_steps = torch.cat(steps_ref)
-            assert float((ref_steps - want).abs().max()) < TOL  # the reference's own cache == its full forward
+            assert float((ref_steps - want).abs().max()) < tol  # the reference's own cache == its full forward
             cached = max(cached, float((torch.cat(steps) - ref_steps).abs().max()))
     return full, cached
 
@@ -268,8 +307,34 @@ def test_export_gives_back_the_reference_checkpoint(imported_dir, reference_dir,
         export_reference(str(imported_dir), str(exported))
 
 
+def test_add_share_ffn_checkpoint_imports_exactly_and_exports_back(reference_share_dir, reference_dir, tmp_path):
+    """add_share_ffn=1: the middle layer's shared and vision FFNs (the reference's widths 24 / 16) are imported
+    under our names, the logits equal the reference's inference forward (with its UniShareQwen3MLP), and export
+    gives back every tensor and the three fields."""
+    imported = Path(import_reference(str(reference_share_dir), str(tmp_path / "imported"), template_name="plain"))
+    config = AutoModelForCausalLM.from_pretrained(imported).config
+    assert config.layer_kinds == ["separated"] * ENCODE + ["share_ffn"] + ["separated"] * DECODE
+    assert (config.add_share_ffn, config.ffn_share_size, config.ffn_vision_size) == (1, SHARE_FFN, SHARE_VISION_FFN)
+    # float32 rounding grows with the extra FFNs' activations: the reference's own cached and full forwards differ
+    # by up to 2.1e-5 here, so both comparisons get 1e-4 (a wrong FFN is off by > 1e-2, checked below)
+    full, cached = max_logit_differences(imported, reference_share_dir, "eager", tol=1e-4)
+    assert full < 1e-4 and cached < 1e-4, (full, cached)
+    print(f"add_share_ffn import: max |logit diff| {full:.2g} without cache, {cached:.2g} with")
+    # the shared FFN matters: the plain checkpoint's forward (no share FFN) on these weights is far off
+    plain_config = {**json.loads((reference_share_dir / "config.json").read_text()), "add_share_ffn": 0}
+    state, ids = read_state_dict(reference_share_dir), torch.tensor([_prompts(reference_share_dir)[2]])
+    model = AutoModelForCausalLM.from_pretrained(imported).eval()
+    with torch.no_grad():
+        gap = (model(ids, use_cache=False).logits - ReferenceInference(state, plain_config)(ids)).abs().max()
+    assert gap > 1e-2, gap
+    exported = Path(export_reference(str(imported), str(tmp_path / "exported")))
+    got = read_state_dict(exported)
+    assert sorted(got) == sorted(state) and all(torch.equal(got[k], state[k]) for k in state)
+    back = json.loads((exported / "config.json").read_text())
+    assert (back["add_share_ffn"], back["ffn_share_size"], back["ffn_vision_size"]) == (1, SHARE_FFN, SHARE_VISION_FFN)
+
+
 @pytest.mark.parametrize("overrides, message", [
-    (dict(add_share_ffn=1), "add_share_ffn=1 is not supported.*shared FFN"),
     (dict(skip_connection_loc=2), "skip_connection_loc=2 is not supported"),
     (dict(num_vision_decode_layers=1), r"missing \[\].*unexpected \['model.vision_decode_layers.1"),
     (dict(real_text_vocab_size=300), "real_text_vocab_size=300.*use the checkpoint's tokenizer"),
@@ -293,6 +358,6 @@ def test_export_refuses_what_the_reference_cannot_hold(tmp_path):
     from tests.model_fixtures import tiny_model
 
     tiny_model("uni_x_amv1").save_pretrained(tmp_path / "ours")
-    with pytest.raises(ValueError, match=r"backbone='qwen2'.*all_modal_visible=1.*FFN widths vision 48"):
+    with pytest.raises(ValueError, match=r"backbone='qwen2'.*all_modal_visible=1.*separated vision FFN width 48"):
         export_reference(str(tmp_path / "ours"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()

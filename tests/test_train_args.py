@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from uni_arch.train.args import parse_args
 
@@ -169,6 +170,8 @@ def test_plain_qwen2_checkpoint_fails_in_build_model_too(stock_qwen2):
         (["--ffn_vision_size", "64"], r"ffn_vision_size=64 disagrees with .* \(ffn_vision_size=704\)"),
         (["--ffn_share_size", "64"], r"ffn_share_size=64 disagrees with .* \(ffn_share_size=704\)"),
         (["--moe_every_k", "2"], r"moe_every_k=2 disagrees with .* \(moe_every_k=1\)"),
+        (["--decoder_sparse_step", "2"], r"moe_every_k=2 disagrees with .* \(moe_every_k=1\)"),
+        (["--add_share_ffn", "1"], r"add_share_ffn=1 disagrees with .* \(add_share_ffn=0\)"),
         (["--model_spec_module", "mot"], r"variant 'mot' but .* is a 'uni_x' checkpoint"),
         (["--custom_cls", "none"], r"variant 'dense' but .* is a 'uni_x' checkpoint"),
     ],
@@ -188,3 +191,107 @@ def test_agreeing_arguments_pass(uni_x_checkpoint):
 
     m = _model_args(uni_x_checkpoint, "--vision_encode_layers", "1", "--ffn_vision_size", "704", "--all_modal_visible", "1")
     builders.check_checkpoint(builders._checkpoint_config(m), m, CodeVocab(**VOCAB_ARGS))
+
+
+# ------------------------------------------------------------------ the reference's knobs
+def test_decoder_sparse_step_is_moe_every_k():
+    """The reference's MoE step and ours are one rule (expert layer iff (i + 1) % k == 0): the reference's name sets
+    ours; both given and different is an error naming both."""
+    m, _, _ = parse_args([*BASE, "--model_spec_module", "moe", "--decoder_sparse_step", "2"])
+    assert m.moe_every_k == 2
+    with pytest.raises(ValueError, match="moe_every_k=3 and decoder_sparse_step=2"):
+        parse_args([*BASE, "--model_spec_module", "moe", "--decoder_sparse_step", "2", "--moe_every_k", "3"])
+    from modeling.configuration_uni_x import derive_layer_kinds
+
+    # the reference's HardMoe DecoderLayer: (layer_idx + 1) % decoder_sparse_step == 0
+    assert derive_layer_kinds("moe", 6, 0, 0, m.moe_every_k) == [
+        "moe" if (i + 1) % 2 == 0 else "shared" for i in range(6)]
+
+
+def test_share_ffn_and_mot_style_arguments_validate():
+    m, _, _ = parse_args([*BASE, "--add_share_ffn", "1", "--ffn_vision_size", "0", "--ffn_share_size", "64"])
+    assert (m.add_share_ffn, m.ffn_vision_size, m.ffn_share_size) == (1, 0, 64)
+    with pytest.raises(ValueError, match="ffn_vision_size=0 must be positive"):  # 0 only means "none" with the share FFN
+        parse_args([*BASE, "--ffn_vision_size", "0"])
+    with pytest.raises(ValueError, match="add_share_ffn=2 must be 0 or 1"):
+        parse_args([*BASE, "--add_share_ffn", "2"])
+    m, _, t = parse_args([*BASE, "--model_spec_module", "mot", "--mot_style", "reference",
+                          "--init_vision_with_text", "1"])
+    assert m.mot_style == "reference" and t.init_vision_with_text == 1
+
+
+def test_fresh_config_takes_the_reference_knobs(tmp_path):
+    """A fresh model from a config json: add_share_ffn / mot_style reach the UniXConfig, and a knob of another
+    variant is refused by UniXConfig naming it."""
+    import json
+
+    from modeling.vocab import CodeVocab
+    from uni_arch.train import builders
+
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=1536, vision_encode_layers=1,
+                                   vision_decode_layers=1, image_offset=1024, image_level_sizes=[512],
+                                   vision_start_token_id=3, vision_end_token_id=4)))
+    vocab = CodeVocab(**VOCAB_ARGS)
+    m, _, _ = parse_args(["--model_config", str(cfg), "--output_dir", "out", "--use_cpu", "true", "--add_share_ffn",
+                          "1", "--ffn_share_size", "16"])
+    config = builders._fresh_config(m, vocab)
+    assert config.layer_kinds == ["separated", "share_ffn", "share_ffn", "separated"] and config.share_ffn_size == 16
+    m, _, _ = parse_args(["--model_config", str(cfg), "--output_dir", "out", "--use_cpu", "true",
+                          "--model_spec_module", "mot", "--mot_style", "reference"])
+    assert builders._fresh_config(m, vocab).mot_style == "reference"
+    m, _, _ = parse_args(["--model_config", str(cfg), "--output_dir", "out", "--use_cpu", "true",
+                          "--model_spec_module", "moe", "--add_share_ffn", "1"])
+    with pytest.raises(ValueError, match="add_share_ffn=1 is a Uni-X field"):
+        builders._fresh_config(m, vocab)
+
+
+def test_init_vision_with_text_copies_text_into_vision_branches():
+    """The reference's init_vision_with_text=1 at training start: every vision tensor of the text's shape becomes the
+    text tensor at the same depth; 0 changes nothing."""
+    from modeling.conversion import vision_text_pairs
+    from tests.model_fixtures import tiny_model
+    from uni_arch.train import builders
+
+    model = tiny_model("uni_x_amv0", ffn_vision_size=None)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    assert builders.apply_init_vision_with_text(model, 0) == 0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    pairs = list(vision_text_pairs(model))
+    assert not any(torch.equal(p.text, p.vision) for p in pairs if p.text.dim() == 2)  # random before
+    assert builders.apply_init_vision_with_text(model, 1) == len(pairs) > 0
+    assert all(torch.equal(p.text, p.vision) for p in pairs)
+
+
+def test_tokens_per_step_in_both_readings_of_the_batch_size():
+    """Ours: rows x capacity; the reference: samples packed into ONE row, capped at model_max_length."""
+    from uni_arch.train.builders import tokens_per_step
+
+    # 4 rows of 2,048 x accumulation 2 x 8 ranks; the reference's 4 samples of 300 tokens: one row of 1,200
+    assert tokens_per_step(4, 2, 8, 2048, 300.0) == {"ours": 4 * 2048 * 2 * 8, "reference": 1200 * 2 * 8}
+    # the reference's train_batch_size=20 at 20,480 tokens with 3,000-token samples: the pack is full
+    assert tokens_per_step(20, 1, 1, 20480, 3000.0) == {"ours": 20 * 20480, "reference": 20480}
+    assert tokens_per_step(2, 1, 1, 100, None)["reference"] is None
+
+
+def test_start_up_message_prints_tokens_per_step_in_both_readings():
+    from loguru import logger
+
+    from uni_arch.train import builders
+    from uni_arch.train.dataset import PackedRowDataset
+
+    rows = [{"input_ids": list(range(90)), "doc_lens": [30, 60]}, {"input_ids": list(range(60)), "doc_lens": [20, 20, 20]}]
+    m, d, t = parse_args([*BASE, "--model_max_length", "100", "--per_device_train_batch_size", "3",
+                          "--gradient_accumulation_steps", "2"])
+    lines = []
+    sink = logger.add(lambda msg: lines.append(str(msg)), level="WARNING")
+    try:
+        counts = builders.log_batch_size_readings(d, t, PackedRowDataset(rows))
+    finally:
+        logger.remove(sink)
+    # mean sample = 150 tokens / 5 samples = 30; reference: min(3 x 30, 100) x 2 = 180; ours: 3 x 100 x 2 = 600
+    assert counts == {"ours": 600, "reference": 180}
+    text = "".join(lines)
+    assert "per_device_train_batch_size=3 counts PACKED ROWS" in text and "600 tokens per optimizer step" in text
+    assert "RAW SAMPLES" in text and "180 tokens per step" in text and "2.5 samples per row" in text

@@ -10,10 +10,16 @@ Reference values are mapped, not copied blindly:
 * ``model_spec_module``: ``x``/``unix`` -> Uni-X (two-end separated layers), ``mot`` -> MoT, ``moe`` -> MoE,
   ``dense`` -> plain Qwen2 with the expanded vocabulary.
 * ``custom_cls``: ``uni_qwen`` builds the family class chosen by ``model_spec_module``; ``none`` forces dense.
-* ``model_version`` and ``vq_resolution`` are not arguments here: the decoder is always Qwen2 (the reference's
-  ``qwen2``/``gemma`` labels both meant it) and the image resolution is the image tokenizer's own, so a knob for
-  either would be accepted and ignored. ``train.sh`` stops with a message when ``MODEL_VERSION``/``VQ_RESOLUTION``
+* ``model_version`` and ``vq_resolution`` are not arguments here: the reference's ``model_version`` picked a LLaVA
+  conversation template that its packing collator never reads (its prompts are ``chat_template=reference`` here;
+  the decoder is the checkpoint's ``backbone``), and the image resolution is the image tokenizer's own, so a knob
+  for either would be accepted and ignored. ``train.sh`` stops with a message when ``MODEL_VERSION``/``VQ_RESOLUTION``
   is set.
+* ``add_share_ffn``, ``ffn_share_size``, ``ffn_vision_size``, ``decoder_sparse_step`` (= ``moe_every_k``),
+  ``init_vision_with_text`` and ``mot_style`` (ours | reference): the reference's architecture knobs with its meaning
+  (`modeling.configuration_uni_x.UniXConfig`); README "Porting from the reference" has the table.
+* ``per_device_train_batch_size`` counts packed ROWS here, raw samples per row in the reference: the start-up log
+  prints the tokens per step in both readings (`builders.log_batch_size_readings`).
 * ``unfreeze_keys``: ``train-all``, or comma-separated name patterns (``fnmatch``, or plain substrings); the
   pattern ``image_embeddings`` trains only the image-code ROWS of the (possibly tied) embedding through a gradient
   mask.
@@ -67,9 +73,20 @@ class ModelArguments:
     all_modal_visible: int | None = field(
         default=None, metadata={"help": "1: separated layers attend across modalities of a document; 0: same modality only."}
     )
-    ffn_vision_size: int | None = field(default=None, metadata={"help": "FFN width of the vision layers."})
-    ffn_share_size: int | None = field(default=None, metadata={"help": "FFN width of the shared layers."})
+    ffn_vision_size: int | None = field(default=None, metadata={
+        "help": "FFN width of the vision branches (separated, MoT, MoE); with add_share_ffn=1 the middle layers' "
+                "vision FFN (0: none), the separated ones then being intermediate_size as in the reference."})
+    ffn_share_size: int | None = field(default=None, metadata={
+        "help": "Reference knob: width of the shared FFN that add_share_ffn=1 adds to the middle layers (0: none); "
+                "unused otherwise."})
+    add_share_ffn: int | None = field(default=None, metadata={
+        "help": "Reference knob, Uni-X: 1 = the middle layers add a shared FFN to each modality's own FFN."})
     moe_every_k: int | None = field(default=None, metadata={"help": "MoE: every k-th layer is modality-routed."})
+    decoder_sparse_step: int | None = field(default=None, metadata={
+        "help": "Reference knob: the MoE step, same meaning as moe_every_k (give one; the reference's default is 2)."})
+    mot_style: str | None = field(default=None, metadata={
+        "help": "MoT: ours (per-modality q/k/v/o and norms) or reference (the reference's MoT baseline: shared norms, "
+                "the text o_proj for every token).", "choices": [None, "ours", "reference"]})
     unfreeze_keys: str = field(
         default="train-all",
         metadata={"help": "train-all, or comma-separated parameter-name patterns to train (stage 1: "
@@ -110,14 +127,20 @@ class ModelArguments:
     def __post_init__(self) -> None:
         if not self.model_name_or_path and not self.model_config:
             raise ValueError("model_name_or_path and model_config are both empty: give a checkpoint or a config json")
-        for name in ("vision_encode_layers", "vision_decode_layers", "moe_every_k"):
+        for name in ("vision_encode_layers", "vision_decode_layers", "moe_every_k", "decoder_sparse_step"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name}={value} must be >= 0")
+        from modeling.conversion import resolve_moe_every_k
+
+        if self.decoder_sparse_step is not None:  # the reference's name: one field from here on
+            self.moe_every_k = resolve_moe_every_k(self.moe_every_k, self.decoder_sparse_step)
+        if self.add_share_ffn is not None:
+            _check_01("add_share_ffn", self.add_share_ffn)
         for name in ("ffn_vision_size", "ffn_share_size"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name}={value} must be positive")
+            if value is not None and (value < 0 or (value == 0 and not self.add_share_ffn)):
+                raise ValueError(f"{name}={value} must be positive (0, no such FFN, only with add_share_ffn=1)")
         if self.all_modal_visible is not None:
             _check_01("all_modal_visible", self.all_modal_visible)
         if not self.unfreeze_keys.strip():
@@ -220,6 +243,12 @@ class UniTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Reference knob: warmup as a fraction of the steps (sets warmup_steps, which "
                                 "transformers 5 reads as a ratio when < 1)."}
     )
+    init_vision_with_text: int = field(
+        default=0, metadata={"help": "Reference knob: 1 = before training, copy every text weight into the vision "
+                             "branch at the same depth (its init_vision_weights; here for every variant, where shapes "
+                             "match); 0 = keep the loaded/initialised vision weights. Conversion already copies by "
+                             "default (modeling/conversion.py --init_vision_with_text)."}
+    )
     write_loss_curves: bool = field(
         default=True, metadata={"help": "Write loss_curves.csv/.png (per-modality losses) into output_dir."}
     )
@@ -232,6 +261,7 @@ class UniTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns=True would drop the packed-row keys; keep it False")
+        _check_01("init_vision_with_text", self.init_vision_with_text)
         if self.loss_chunk_size < 0:
             raise ValueError(f"loss_chunk_size={self.loss_chunk_size} must be >= 0 (0 = the plain loss)")
         if self.warmup_ratio is not None:

@@ -21,7 +21,7 @@ from uni_arch.train.args import DataArguments, ModelArguments, UniTrainingArgume
 
 IMAGE_EMBEDDINGS = "image_embeddings"
 ARCH_FIELDS = ("vision_encode_layers", "vision_decode_layers", "all_modal_visible", "ffn_vision_size",
-               "ffn_share_size", "moe_every_k")
+               "ffn_share_size", "moe_every_k", "add_share_ffn", "mot_style")
 
 
 # -------------------------------------------------------------------------------------- tokenizers
@@ -164,8 +164,9 @@ TOOLKIT_MODEL_TYPES = (UniXConfig.model_type, LEGACY_MODEL_TYPE)  # the current 
 
 
 def _effective(config, name: str):
-    """A checkpoint's value of an architecture field; an FFN width of None means the shared ``intermediate_size``."""
-    value = getattr(config, name)
+    """A checkpoint's value of an architecture field; an FFN width of None means the shared ``intermediate_size``,
+    a field the checkpoint predates its default (``add_share_ffn`` 0, ``mot_style`` ours)."""
+    value = getattr(config, name, {"add_share_ffn": 0, "mot_style": "ours"}.get(name))
     return config.intermediate_size if value is None and name.startswith("ffn_") else value
 
 
@@ -173,7 +174,8 @@ def conversion_command(model_args: ModelArguments, code_vocab: CodeVocab) -> str
     """The ``modeling/conversion.py`` command that turns a plain Qwen2 checkpoint into what the arguments ask for."""
     src = model_args.model_name_or_path
     args = [f"--src {src}", f"--dst {src.rstrip('/')}-{model_args.variant}", f"--variant {model_args.variant}"]
-    for name in ("vision_encode_layers", "vision_decode_layers", "ffn_vision_size", "all_modal_visible", "moe_every_k"):
+    for name in ("vision_encode_layers", "vision_decode_layers", "ffn_vision_size", "all_modal_visible", "moe_every_k",
+                 "add_share_ffn", "ffn_share_size", "mot_style"):
         if getattr(model_args, name) is not None:
             args.append(f"--{name} {getattr(model_args, name)}")
     sizes = list(code_vocab.level_sizes)
@@ -283,3 +285,67 @@ def apply_unfreeze(model: torch.nn.Module, unfreeze_keys: str, code_vocab: CodeV
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info(f"unfreeze_keys={unfreeze_keys!r}: {trainable / 1e6:.2f}M trainable parameters, {hooks} row-mask hook(s)")
     return {"trainable": trainable, "hooks": hooks}
+
+
+# ------------------------------------------------------------------------------ reference knobs at start-up
+def apply_init_vision_with_text(model: torch.nn.Module, init_vision_with_text: int) -> int:
+    """The reference's ``init_vision_with_text=1``: copy every text weight into the vision branch at the same depth
+    before training (its ``init_vision_weights``; here for every variant, where the shapes match). Returns the
+    number of copied tensors; 0 leaves the model as loaded."""
+    if not init_vision_with_text:
+        return 0
+    from modeling.conversion import copy_vision_branches
+
+    copied = copy_vision_branches(model) if hasattr(model.config, "layer_kinds") else set()
+    if not copied:
+        logger.warning("init_vision_with_text=1: the model has no vision branch of the text's shape to copy into "
+                       "(dense, or vision FFNs of another width); nothing changed")
+    else:
+        logger.info(f"init_vision_with_text=1: {len(copied)} vision tensors copied from the text layers at the same "
+                    "depth (the reference's init_vision_weights)")
+    return len(copied)
+
+
+def tokens_per_step(per_device: int, grad_accum: int, world: int, seq_len: int,
+                    mean_sample_tokens: float | None) -> dict[str, float | None]:
+    """Tokens per optimizer step under the two readings of ``per_device_train_batch_size`` (packed training).
+
+    Here it counts packed ROWS of up to ``seq_len`` tokens: ``per_device x seq_len x grad_accum x world`` (the row
+    capacity). The reference counted RAW SAMPLES, all packed into ONE row of at most ``seq_len`` per device and
+    micro-step (its ``DataCollatorSFTPacked``): ``min(per_device x mean sample, seq_len) x grad_accum x world``
+    (None when the mean sample length is unknown, e.g. streaming).
+    """
+    ours = per_device * seq_len * grad_accum * world
+    reference = None
+    if mean_sample_tokens is not None:
+        reference = min(per_device * mean_sample_tokens, seq_len) * grad_accum * world
+    return {"ours": ours, "reference": reference}
+
+
+def log_batch_size_readings(data_args: DataArguments, training_args: UniTrainingArguments, dataset) -> dict:
+    """One start-up message with the tokens per step in both readings of ``per_device_train_batch_size``, so that a
+    value copied from a reference ``train.sh`` (its ``train_batch_size=20``: 20 samples in one row) is not silently
+    taken as 20 rows here. Map-style datasets give the mean sample length; streams do not."""
+    if not data_args.use_data_packing:  # padded batches: a row is a sample in both codebases
+        return {}
+    rows = getattr(dataset, "rows", None)
+    mean = samples_per_row = None
+    if rows:
+        docs = sum(len(r["doc_lens"]) for r in rows)
+        mean = sum(len(r["input_ids"]) for r in rows) / docs
+        samples_per_row = docs / len(rows)
+    b, g, w, seq = (training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps,
+                    training_args.world_size, data_args.model_max_length)
+    counts = tokens_per_step(b, g, w, seq, mean)
+    measured = (f"{samples_per_row:.1f} samples per row, {mean:.0f} tokens per sample on average" if mean is not None
+                else "sample length unknown (streaming)")
+    ref = f"{counts['reference']:,.0f} tokens" if counts["reference"] is not None else "min(B x mean sample, L) x G x W"
+    logger.warning(
+        f"per_device_train_batch_size={b} counts PACKED ROWS here: {b} row(s) x model_max_length={seq} x "
+        f"gradient_accumulation_steps={g} x world_size={w} = {counts['ours']:,} tokens per optimizer step "
+        f"(capacity; {measured}). The reference read the same number as RAW SAMPLES packed into ONE row per device: "
+        f"{b} sample(s) -> {ref} per step. A reference run (train_batch_size=R, model_max_length=L) maps to "
+        "per_device_train_batch_size=1 here with model_max_length=min(L, R x mean sample): one row per device and "
+        "micro-step."
+    )
+    return counts

@@ -71,6 +71,8 @@ def make_trainer(
     set_seed(training_args.seed)
     tokenizer, code_vocab, train_dataset = builders.build_data(model_args, data_args, training_args)
     model = builders.build_model(model_args, data_args, code_vocab)
+    builders.apply_init_vision_with_text(model, training_args.init_vision_with_text)
+    builders.log_batch_size_readings(data_args, training_args, train_dataset)
     builders.apply_unfreeze(model, model_args.unfreeze_keys, code_vocab, training_args.weight_decay)
     callbacks = [LossCurveCallback(training_args.output_dir)] if training_args.write_loss_curves else []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
