@@ -15,6 +15,7 @@ IMAGE_TOKENIZERS: dict[str, str] = {
     "shapes": "modeling.vq.shapes_vq:ShapesVQ",
     "chameleon": "modeling.vq.chameleon:ChameleonVQGAN",
     "hqvae": "modeling.vq.hqvae:HQVAE",
+    "rqvae": "modeling.vq.rqvae:RQVAE",
 }
 
 
