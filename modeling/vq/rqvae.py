@@ -10,8 +10,8 @@ per position at the cost of ``depth`` tokens, coarse to fine, so a short sequenc
   residual norm shrinks with depth) or, ``shared_codebook=False``, one per depth.
 * Euclidean codebook (residuals are not unit vectors, unlike ShapesVQ's cosine codes) updated by EMA with
   dead-code restarts (:class:`EuclideanEMACodebook`, reusing :class:`~modeling.vq.shapes_vq.L2EMAQuantizer`'s
-  restart rule); the EMA statistics are all-reduced over a ``torch.distributed`` group and restarts draw from the
-  gathered global batch with the same RNG on every rank, so N processes update the codebook exactly as one process
+  restart rule); the residuals of each depth are gathered over a ``torch.distributed`` group (:func:`gather_rows`)
+  and every rank runs the same EMA update and restart draw (same RNG) on the global batch, so N processes update the codebook exactly as one process
   does on their concatenated batch.
 * Commitment loss ``beta * mean_d |z - sg(sum_{j<=d} e_{k_j})|^2`` (the paper's, averaged over depths);
   straight-through estimator for the encoder gradient.
@@ -137,10 +137,18 @@ class RQVAEConfig:
 
 
 # -- quantiser -----------------------------------------------------------------------------------------------------
-def _dist_group_size() -> int:
+def gather_rows(x_N: torch.Tensor) -> torch.Tensor:
+    """The rows of every rank of the ``torch.distributed`` group, in rank order (``x_N`` itself without a group).
+
+    Each rank holds a contiguous slice of the global batch, so the result is what one process sees on that batch.
+    """
     import torch.distributed as dist
 
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x_N
+    parts = [torch.empty_like(x_N) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x_N.contiguous())
+    return torch.cat(parts)
 
 
 class EuclideanEMACodebook(L2EMAQuantizer):
@@ -148,7 +156,7 @@ class EuclideanEMACodebook(L2EMAQuantizer):
 
     Same buffers and restart rule as :class:`L2EMAQuantizer`; differences: no normalisation, the counts start at
     zero so the first update restarts the unused codes onto data vectors (a data-dependent init: random Gaussian
-    codes far from small residuals would stay dead), and the statistics are reduced over the process group.
+    codes far from small residuals would stay dead).
     """
 
     def __init__(self, codebook_size: int, code_dim: int, decay: float, restart_ratio: float) -> None:
@@ -161,15 +169,8 @@ class EuclideanEMACodebook(L2EMAQuantizer):
 
     @torch.no_grad()
     def ema_update(self, z_ND: torch.Tensor, codes_N: torch.Tensor) -> int:
-        """One EMA step on (all ranks') vectors and their codes; returns how many codes restarted."""
-        world = _dist_group_size()
-        if world > 1:  # the global batch, in rank order: equal on every rank, as one process would see it
-            import torch.distributed as dist
-
-            zs, cs = [torch.empty_like(z_ND) for _ in range(world)], [torch.empty_like(codes_N) for _ in range(world)]
-            dist.all_gather(zs, z_ND.contiguous())
-            dist.all_gather(cs, codes_N.contiguous())
-            z_ND, codes_N = torch.cat(zs), torch.cat(cs)
+        """One EMA step on vectors and their codes (the caller gathers them over ranks); returns how many codes
+        restarted."""
         err_N = (z_ND - self.embed_KD[codes_N]).pow(2).sum(1)
         onehot_NK = F.one_hot(codes_N, self.codebook_size).to(z_ND.dtype)
         self.cluster_size_K.mul_(self.decay).add_(onehot_NK.sum(0), alpha=1 - self.decay)
@@ -213,8 +214,9 @@ class ResidualQuantizer(nn.Module):
                 book = self.book(d)
                 idx = book.nearest(residual)
                 q = book.lookup(idx)
-                seen.setdefault(id(book), (book, [], []))[1].append(residual)
-                seen[id(book)][2].append(idx)
+                if self.training:  # the global batch of this depth, as one process would hold it
+                    seen.setdefault(id(book), (book, [], []))[1].append(gather_rows(residual))
+                    seen[id(book)][2].append(gather_rows(idx))
                 q_sum = q_sum + q
                 residual = residual - q
                 codes.append(idx)
@@ -310,5 +312,5 @@ class RQVAE(ImageTokenizer):
         return model
 
 
-__all__ = ["RQVAE", "RQVAEConfig", "ResidualQuantizer", "EuclideanEMACodebook", "serialize", "deserialize",
+__all__ = ["RQVAE", "RQVAEConfig", "ResidualQuantizer", "EuclideanEMACodebook", "gather_rows", "serialize", "deserialize",
            "serialized_levels"]
