@@ -102,6 +102,10 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Un
                                                                      "per_device_train_batch_size", "world_size")}},
                 indent=2, default=str))
             logger.info(f"checkpoint: {training_args.output_dir}")
+            if isinstance(getattr(trainer.train_dataset, "rows", None), list):  # map-style: the rows just trained on
+                from uni_arch.train.unigram import report
+
+                report(trainer.train_dataset.rows, trainer.code_vocab, Path(training_args.output_dir))
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.barrier()

@@ -7,7 +7,8 @@ first token of each document is not a target, as in the collator).
 
     python -m uni_arch.train.unigram --config configs/train/stage2.yaml [same arguments as hf_trainer.py]
 
-(``train.sh`` runs it after training with the run's own arguments.) Writes ``output_dir/unigram_baseline.json`` and,
+(The trainer writes it at the end of a map-style run from the rows it trained on; ``train.sh`` runs this module
+only for a streaming run, with the run's own arguments.) Writes ``output_dir/unigram_baseline.json`` and,
 when ``output_dir/loss_curves.csv`` exists, logs the run's final text and image losses next to the baselines and
 redraws ``loss_curves.png`` with the baselines as dashed lines. Image targets are ``CodeVocab.is_image_target``
 (size tags, codes, ``<|vision_end|>``), exactly the trainer's ``image_loss``.
@@ -61,19 +62,13 @@ def final_losses(curves_csv: Path, last: int = 5) -> dict[str, float]:
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from uni_arch.log_setup import setup_logging
-    from uni_arch.train import builders
-    from uni_arch.train.args import parse_args
-
-    model_args, data_args, training_args = parse_args(argv)
-    setup_logging(0)
-    data_args.streaming_data = 0  # count over the materialised rows
-    _, vocab, dataset = builders.build_data(model_args, data_args, training_args)
-    counts = count_targets(dataset.rows, vocab)
+def report(rows: Iterable[dict], vocab: CodeVocab, out_dir: Path) -> dict:
+    """Count the targets of ``rows``, write ``out_dir/unigram_baseline.json``, redraw the loss curves with the
+    baselines and log them beside the run's final losses. The trainer calls this with the rows it has just trained
+    on (no second rendering of the corpus); :func:`main` renders them again for a run made elsewhere."""
+    counts = count_targets(rows, vocab)
     result = {f"{m}_unigram_entropy": unigram_entropy(c) for m, c in counts.items()}
     result.update({f"{m}_targets": sum(c.values()) for m, c in counts.items()})
-    out_dir = Path(training_args.output_dir)
     curves = out_dir / "loss_curves.csv"
     if curves.is_file():
         from uni_arch.train.curves import plot_loss_curves
@@ -88,6 +83,18 @@ def main(argv: list[str] | None = None) -> dict:
         lines.append(f"{m:8s}{result[f'{m}_unigram_entropy']:12.4f}{final:12.4f}")
     logger.info("unigram baseline (nats/token) vs the run's final losses (mean of the last 5 logs):\n" + "\n".join(lines))
     return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from uni_arch.log_setup import setup_logging
+    from uni_arch.train import builders
+    from uni_arch.train.args import parse_args
+
+    model_args, data_args, training_args = parse_args(argv)
+    setup_logging(0)
+    data_args.streaming_data = 0  # count over the materialised rows
+    _, vocab, dataset = builders.build_data(model_args, data_args, training_args)
+    return report(dataset.rows, vocab, Path(training_args.output_dir))
 
 
 if __name__ == "__main__":
