@@ -19,7 +19,8 @@ processes and machines through ``accelerate launch`` (DDP; bf16 autocast on GPU)
   run logs that it trains on pixel losses only), and with ``disc_weight > 0`` a PatchGAN discriminator (taming's
   ``NLayerDiscriminator`` layout, hinge loss) from step ``disc_start``, its generator term scaled by taming's adaptive
   weight ``|grad_last nll| / |grad_last gan|`` on the decoder's last layer. RQ-VAE's codebook is EMA with dead-code
-  restarts (:mod:`modeling.vq.rqvae`); HQ-VAE's codebooks are learned (transformers' Chameleon quantiser).
+  restarts (:mod:`modeling.vq.rqvae`); HQ-VAE's codebooks are learned (transformers' Chameleon quantiser), with
+  dead-code restarts by the trainer (:class:`LearnedCodeRestarter`).
   Codebook usage and perplexity per level (over the last ``log_every`` steps) go to the log and metrics.json.
 * Determinism: the global batch of step ``i`` is a function of ``(seed, i)``; each of N processes takes its
   contiguous 1/N of it, DDP averages the gradients and the RQ-VAE codebook's EMA statistics are reduced over the
@@ -96,6 +97,10 @@ class TrainTokenizerConfig:
     disc_lr: float = 1e-4
     disc_channels: int = 64
     disc_layers: int = 3
+    # Learned codebooks (HQ-VAE): a code whose EMA use falls under restart_ratio x the average is moved onto an
+    # encoder vector of the batch (LearnedCodeRestarter); 0 turns it off. RQ-VAE's EMA codebook restarts itself.
+    restart_ratio: float = 0.1
+    restart_decay: float = 0.95
     min_size: int = 32
     max_aspect: float = 2.5
     model: dict = field(default_factory=dict)
@@ -207,6 +212,60 @@ def adaptive_gan_weight(nll: torch.Tensor, g_loss: torch.Tensor, last: torch.Ten
     return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
 
 
+class LearnedCodeRestarter:
+    """Dead-code restarts for learned codebooks (HQ-VAE's ``ChameleonVQVAEVectorQuantizer`` levels).
+
+    A forward pre-hook keeps each quantiser's input of the step; after the optimiser step, :meth:`step` updates an
+    EMA of every code's use on the global batch (inputs gathered over ranks, :func:`modeling.vq.rqvae.gather_rows`)
+    and moves each code whose use is under ``ratio`` x the average onto an input vector drawn with probability
+    proportional to its quantisation error, the rule of the EMA codebooks (``L2EMAQuantizer.restart_dead_codes``).
+    Every rank draws the same vectors with the same RNG, so the replicas stay equal.
+    """
+
+    def __init__(self, quantizers: list[nn.Module], decay: float, ratio: float) -> None:
+        self.quantizers, self.decay, self.ratio = quantizers, decay, ratio
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.counts: list[torch.Tensor | None] = [None] * len(quantizers)
+        for i, q in enumerate(quantizers):
+            q.register_forward_pre_hook(lambda _m, args, i=i: self.inputs.__setitem__(i, args[0].detach()))
+
+    @torch.no_grad()
+    def step(self) -> int:
+        """Update the use statistics on the last forward's inputs and restart the dead codes; returns how many."""
+        from modeling.vq.rqvae import gather_rows
+
+        restarted = 0
+        for i, q in enumerate(self.quantizers):
+            if i not in self.inputs:
+                continue
+            z = self.inputs.pop(i).float()
+            z_ND = gather_rows(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).contiguous())
+            weight_KD = q.embedding.weight
+            dist_NK = (z_ND.pow(2).sum(1, keepdim=True) - 2 * z_ND @ weight_KD.float().t()
+                       + weight_KD.float().pow(2).sum(1)[None])
+            err_N, codes_N = dist_NK.min(dim=1)
+            k = weight_KD.shape[0]
+            expected = z_ND.shape[0] / k
+            used_K = torch.bincount(codes_N, minlength=k).float()
+            if self.counts[i] is None:  # start every code at the average: none is dead before it had a chance
+                self.counts[i] = torch.full((k,), expected, device=z_ND.device)
+            self.counts[i].mul_(self.decay).add_(used_K, alpha=1 - self.decay)
+            dead_K = self.counts[i] < self.ratio * expected
+            n_dead = int(dead_K.sum())
+            if n_dead:
+                pick = torch.multinomial(err_N.cpu().clamp_min(1e-6), n_dead, replacement=n_dead > z_ND.shape[0])
+                weight_KD[dead_K] = z_ND[pick.to(z_ND.device)].to(weight_KD.dtype)
+                self.counts[i][dead_K] = expected
+                restarted += n_dead
+        return restarted
+
+    def state_dict(self) -> list:
+        return [c.cpu() if c is not None else None for c in self.counts]
+
+    def load_state_dict(self, counts: list) -> None:
+        self.counts = [c if c is None else c.clone() for c in counts]
+
+
 # ---------------------------------------------------------------------------------------------- data
 class ImageBatches:
     """Global batches of pixels in [-1, 1]: shapes-world tensors, or data-config images loaded per batch."""
@@ -299,10 +358,11 @@ def evaluate_shapes(tok: ImageTokenizer, images_u8: torch.Tensor, scenes: list, 
 
 # ---------------------------------------------------------------------------------------------- training
 def _save_state(path: Path, tok: nn.Module, disc: nn.Module | None, opt, disc_opt, step: int, batches: ImageBatches,
-                cfg: dict) -> None:
+                restarter: "LearnedCodeRestarter | None", cfg: dict) -> None:
     with atomic_path(path) as tmp:
         torch.save({"model": tok.state_dict(), "disc": disc.state_dict() if disc is not None else None,
                     "optimizer": opt.state_dict(), "disc_optimizer": disc_opt.state_dict() if disc_opt else None,
+                    "restarter": restarter.state_dict() if restarter is not None else None,
                     "step": step, "rng": torch.get_rng_state(), "bad": dict(batches.bad), "config": cfg}, tmp)
 
 
@@ -318,6 +378,8 @@ def train_loop(cfg: TrainTokenizerConfig, tok: ImageTokenizer, batches: ImageBat
     opt = make_optimizer(objective, cfg)
     disc = PatchDiscriminator(cfg.disc_channels, cfg.disc_layers) if cfg.disc_weight > 0 else None
     disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9)) if disc is not None else None
+    restarter = (LearnedCodeRestarter([tok.quantize_t, tok.quantize_b], cfg.restart_decay, cfg.restart_ratio)
+                 if cfg.kind == "hqvae" and cfg.restart_ratio > 0 else None)
     step = 0
     if state_path.exists():
         state = torch.load(state_path, weights_only=True)
@@ -328,6 +390,8 @@ def train_loop(cfg: TrainTokenizerConfig, tok: ImageTokenizer, batches: ImageBat
         if disc is not None:
             disc.load_state_dict(state["disc"])
             disc_opt.load_state_dict(state["disc_optimizer"])
+        if restarter is not None:
+            restarter.load_state_dict(state["restarter"])
         torch.set_rng_state(state["rng"])
         batches.bad.update(state["bad"])
         step = int(state["step"])
@@ -374,6 +438,8 @@ def train_loop(cfg: TrainTokenizerConfig, tok: ImageTokenizer, batches: ImageBat
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(objective_ddp.parameters(), cfg.grad_clip)
             opt.step()
+            if restarter is not None:
+                res.terms["restarted"] = torch.tensor(float(restarter.step()))
             if gan_on:
                 with autocast():
                     d_real, d_fake = disc(pixels).float(), disc(res.recon_BCHW.detach()).float()
@@ -398,7 +464,7 @@ def train_loop(cfg: TrainTokenizerConfig, tok: ImageTokenizer, batches: ImageBat
             if step % save_every == 0 and step < cfg.max_steps or (stop_after and step - start_step >= stop_after):
                 if accelerator.is_main_process:
                     _save_state(state_path, tok, accelerator.unwrap_model(disc) if disc is not None else None,
-                                opt, disc_opt, step, batches, cfg.to_dict())
+                                opt, disc_opt, step, batches, restarter, cfg.to_dict())
                 accelerator.wait_for_everyone()
     tok.eval()
     run_s = time.perf_counter() - t0

@@ -124,7 +124,7 @@ def test_hqvae_with_perceptual_and_gan_terms(tmp_path, capsys):
                       "level_sizes": [16, 16]})
     assert metrics["steps"] == 3 and len(metrics["perplexity_per_level"]) == 2
     terms = metrics["final_terms"]
-    assert {"l1", "l2", "commit", "perceptual", "gan_g", "gan_weight", "disc"} <= set(terms)
+    assert {"l1", "l2", "commit", "perceptual", "gan_g", "gan_weight", "disc", "restarted"} <= set(terms)
     assert terms["perceptual"] > 0 and terms["gan_weight"] > 0 and terms["disc"] > 0
     tok = load_image_tokenizer("hqvae", str(out))
     assert tok.native_grid == (8, 8)  # top 8x8 + bottom 16x16 on 64 px
@@ -147,3 +147,25 @@ def test_kind_shapes_delegates_to_train_vq(monkeypatch, tmp_path):
         tt.train_tokenizer(kind="rqvae", out_dir=str(tmp_path / "r"), dec_res_blocks=2)
     with pytest.raises(ValueError, match="--kind"):
         tt.train_tokenizer(kind="vqgan", out_dir=str(tmp_path / "v"))
+
+
+def test_learned_code_restarter_moves_dead_codes_onto_inputs():
+    from types import SimpleNamespace
+
+    from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAEVectorQuantizer
+
+    q = ChameleonVQVAEVectorQuantizer(SimpleNamespace(num_embeddings=4, embed_dim=2, beta=0.25))
+    with torch.no_grad():
+        q.embedding.weight.copy_(torch.tensor([[0.0, 0.0], [100.0, 100.0], [-100.0, 100.0], [100.0, -100.0]]))
+    restarter = tt.LearnedCodeRestarter([q], decay=0.5, ratio=0.5)
+    z = torch.randn(2, 2, 3, 3)  # 18 vectors near the origin: only code 0 is ever used
+    counts = []
+    for _ in range(3):
+        q(z)
+        counts.append(restarter.step())
+    assert counts == [0, 3, 0]  # use 4.5 -> 2.25 -> 1.125 < 0.5 * 4.5 at the second step; then back to the average
+    rows = set(map(tuple, z.permute(0, 2, 3, 1).reshape(-1, 2).tolist()))
+    assert all(tuple(v) in rows for v in q.embedding.weight[1:].tolist())  # each restarted onto an input vector
+    saved = restarter.state_dict()
+    # third step: each restarted code is its own input vector's nearest code, so it is used (count above 0.5 * 4.5)
+    assert torch.equal(saved[0], restarter.counts[0]) and (saved[0][1:] > 2.25).all()
