@@ -13,7 +13,8 @@ processes and machines through ``accelerate launch`` (DDP; bf16 autocast on GPU)
   folders, webdataset tars, LLaVA annotations) and loaded by the encoder's :func:`data_process.encode_images.load_image`
   (same ``min_size`` / ``max_aspect`` rules); an unusable record or image is counted by reason (``bad_inputs`` in
   metrics.json) and the batch takes the next usable image instead, the same choice on every rank.
-* Losses: ``l2_weight * MSE + l1_weight * L1`` in pixels, the tokenizer's commitment term (``commitment_beta``),
+* Losses: ``l2_weight * MSE + l1_weight * L1`` in pixels (the MSE edge-weighted as the shapes VQ's,
+  ``edge_loss_weight``, by default on the shapes world only), the tokenizer's commitment term (``commitment_beta``),
   ``perceptual_weight * MSE`` between the features of a TorchScript feature network given by ``--perceptual_path``
   (float images in [0, 255] -> features, as :func:`data_process.eval_recon.load_feature_extractor`; without one the
   run logs that it trains on pixel losses only), and with ``disc_weight > 0`` a PatchGAN discriminator (taming's
@@ -63,7 +64,7 @@ from data_process.train_vq import (  # noqa: E402
 )
 from modeling.vq import ImageTokenizer  # noqa: E402
 from modeling.vq.metrics import CodeStats  # noqa: E402
-from modeling.vq.shapes_vq import pixels_to_uint8, psnr_uint8, uint8_to_pixels  # noqa: E402
+from modeling.vq.shapes_vq import edge_weights, pixels_to_uint8, psnr_uint8, uint8_to_pixels  # noqa: E402
 
 KINDS = ("shapes", "hqvae", "rqvae")
 METRICS_NAME, STATE_NAME = "metrics.json", "train_state.pt"
@@ -90,6 +91,9 @@ class TrainTokenizerConfig:
     precision: str = "auto"
     l2_weight: float = 1.0
     l1_weight: float = 0.0
+    # Extra weight of the L2 error near colour steps (shapes_vq.edge_weights); None: 8 on the shapes world (what
+    # lifted the shapes VQ's detector rate from 95% to 99%), 0 on a data config (photos are edges everywhere).
+    edge_loss_weight: float | None = None
     perceptual_weight: float = 1.0  # used only with perceptual_path
     perceptual_path: str | None = None
     disc_weight: float = 0.0  # 0: no discriminator
@@ -181,7 +185,14 @@ class TokenizerObjective(nn.Module):
             codes_BN, levels_N = serialize(top, bottom)
         recon32, target = recon.float(), pixels_BCHW.float()
         terms = {"l2": F.mse_loss(recon32, target), "l1": (recon32 - target).abs().mean(), "commit": commit.float()}
-        loss = self.cfg.l2_weight * terms["l2"] + self.cfg.l1_weight * terms["l1"] + terms["commit"]
+        fit = terms["l2"]
+        if self.cfg.edge_loss_weight:
+            weight_B1HW = edge_weights(target, self.cfg.edge_loss_weight)
+            # normalised per image, then averaged: a mean of per-image terms splits over ranks exactly (one global
+            # normalisation, as ShapesVQ's, would differ between 1 and N processes)
+            per_image = ((recon32 - target).pow(2) * weight_B1HW).mean((1, 2, 3)) / weight_B1HW.mean((1, 2, 3))
+            fit = terms["l2_edge_weighted"] = per_image.mean()
+        loss = self.cfg.l2_weight * fit + self.cfg.l1_weight * terms["l1"] + terms["commit"]
         if self.features is not None:
             to255 = lambda x: (x.clamp(-1, 1) + 1.0) * 127.5  # noqa: E731 - the extractor's input range
             terms["perceptual"] = F.mse_loss(self.features(to255(recon32)), self.features(to255(target)).detach())
@@ -274,7 +285,8 @@ class ImageBatches:
                  min_size: int = 32, max_aspect: float = 2.5) -> None:
         self.tok, self.images_u8, self.sources = tok, images_u8, sources
         self.min_size, self.max_aspect = min_size, max_aspect
-        self.bad: collections.Counter = collections.Counter()
+        self.bad: collections.Counter = collections.Counter()  # unusable images met by this rank, by reason
+        self.bad_records: collections.Counter = collections.Counter()  # the converters' bad records (every rank)
         self.bad_examples: list[str] = []
 
     def __len__(self) -> int:
@@ -298,6 +310,15 @@ class ImageBatches:
             else:
                 raise ValueError(f"no usable image among the {len(self.sources)} of --data_config: {dict(self.bad)}")
         return self.tok.preprocess(images)
+
+    def global_bad(self, accelerator) -> dict[str, int]:
+        """Unusable images summed over the ranks (collective: every rank calls it), plus the bad records."""
+        from accelerate.utils import gather_object
+
+        total = collections.Counter({f"record:{k}": v for k, v in self.bad_records.items()})
+        for counts in (gather_object([dict(self.bad)]) if accelerator.num_processes > 1 else [dict(self.bad)]):
+            total.update(counts)
+        return dict(total)
 
 
 def data_config_sources(path: str) -> tuple[list, collections.Counter]:
@@ -357,13 +378,13 @@ def evaluate_shapes(tok: ImageTokenizer, images_u8: torch.Tensor, scenes: list, 
 
 
 # ---------------------------------------------------------------------------------------------- training
-def _save_state(path: Path, tok: nn.Module, disc: nn.Module | None, opt, disc_opt, step: int, batches: ImageBatches,
+def _save_state(path: Path, tok: nn.Module, disc: nn.Module | None, opt, disc_opt, step: int, bad: dict[str, int],
                 restarter: "LearnedCodeRestarter | None", cfg: dict) -> None:
     with atomic_path(path) as tmp:
         torch.save({"model": tok.state_dict(), "disc": disc.state_dict() if disc is not None else None,
                     "optimizer": opt.state_dict(), "disc_optimizer": disc_opt.state_dict() if disc_opt else None,
                     "restarter": restarter.state_dict() if restarter is not None else None,
-                    "step": step, "rng": torch.get_rng_state(), "bad": dict(batches.bad), "config": cfg}, tmp)
+                    "step": step, "rng": torch.get_rng_state(), "bad": bad, "config": cfg}, tmp)
 
 
 def train_loop(cfg: TrainTokenizerConfig, tok: ImageTokenizer, batches: ImageBatches, out: Path,
@@ -393,7 +414,8 @@ def train_loop(cfg: TrainTokenizerConfig, tok: ImageTokenizer, batches: ImageBat
         if restarter is not None:
             restarter.load_state_dict(state["restarter"])
         torch.set_rng_state(state["rng"])
-        batches.bad.update(state["bad"])
+        if accelerator.is_main_process:  # the ranks' sum at the save; the other ranks count afresh
+            batches.bad.update({k: v for k, v in state["bad"].items() if not k.startswith("record:")})
         step = int(state["step"])
         logger.info(f"resuming from {state_path} at step {step}")
     objective_ddp, opt = accelerator.prepare(objective, opt)
@@ -462,9 +484,10 @@ def train_loop(cfg: TrainTokenizerConfig, tok: ImageTokenizer, batches: ImageBat
                 bar.set_postfix(l2=f"{means['l2']:.5f}")
                 stats = CodeStats(tok.level_sizes)
             if step % save_every == 0 and step < cfg.max_steps or (stop_after and step - start_step >= stop_after):
+                bad = batches.global_bad(accelerator)
                 if accelerator.is_main_process:
                     _save_state(state_path, tok, accelerator.unwrap_model(disc) if disc is not None else None,
-                                opt, disc_opt, step, batches, restarter, cfg.to_dict())
+                                opt, disc_opt, step, bad, restarter, cfg.to_dict())
                 accelerator.wait_for_everyone()
     tok.eval()
     run_s = time.perf_counter() - t0
@@ -508,6 +531,7 @@ def train_tokenizer(
     precision: str = TrainTokenizerConfig.precision,
     l2_weight: float = TrainTokenizerConfig.l2_weight,
     l1_weight: float = TrainTokenizerConfig.l1_weight,
+    edge_loss_weight: float | None = None,
     perceptual_path: str | None = None,
     perceptual_weight: float = TrainTokenizerConfig.perceptual_weight,
     disc_weight: float = TrainTokenizerConfig.disc_weight,
@@ -547,7 +571,9 @@ def train_tokenizer(
     cfg = TrainTokenizerConfig(
         kind=kind, data_config=str(data_config) if data_config else None, num_train=num_train, num_eval=num_eval,
         seed=seed, batch_size=batch_size, max_steps=max_steps, lr=lr, warmup_steps=warmup_steps, precision=precision,
-        l2_weight=l2_weight, l1_weight=l1_weight, perceptual_weight=perceptual_weight, perceptual_path=perceptual_path,
+        l2_weight=l2_weight, l1_weight=l1_weight,
+        edge_loss_weight=edge_loss_weight if edge_loss_weight is not None else (0.0 if data_config else 8.0),
+        perceptual_weight=perceptual_weight, perceptual_path=perceptual_path,
         disc_weight=disc_weight, disc_start=disc_start, min_size=min_size, max_aspect=max_aspect,
         model=dict(model_config or {}))
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
@@ -581,7 +607,7 @@ def train_tokenizer(
     if data_config:
         sources, bad_records = data_config_sources(data_config)
         batches = ImageBatches(tok, sources=sources, min_size=min_size, max_aspect=max_aspect)
-        batches.bad.update({f"record:{k}": v for k, v in bad_records.items()})
+        batches.bad_records.update(bad_records)
         cfg.num_train = len(sources)  # batch_indices draws from [0, num_train)
     else:  # the shapes world, rendered once and cached
         world = _world_class()(seed=seed, image_size=size)
@@ -604,6 +630,7 @@ def train_tokenizer(
         logger.info(f"stopped at step {summary['steps']} (--stop_after); rerun the same command to resume")
         return summary
     metrics: dict[str, Any] = {}
+    bad = batches.global_bad(accelerator)
     if accelerator.is_main_process:
         tok.save_pretrained(out)
         if images_eval is not None:
@@ -616,7 +643,7 @@ def train_tokenizer(
                         f"{metrics['detector_exact_pct']}%, usage {metrics['usage_pct_per_level']}%, perplexity "
                         f"{metrics['perplexity_per_level']}; gate {'passed' if not reasons else reasons}")
         metrics.update(summary)
-        metrics.update({"bad_inputs": dict(batches.bad), "bad_input_examples": batches.bad_examples,
+        metrics.update({"bad_inputs": bad, "bad_input_examples": batches.bad_examples,
                         "speed_timings_s_per_step": timings, "wall_s": round(time.perf_counter() - wall0, 1),
                         "tokenizer": tok.tokenizer_id, "train_config": cfg.to_dict()})
         atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")

@@ -108,6 +108,7 @@ def test_data_config_images_and_bad_inputs(tmp_path):
     assert metrics["bad_inputs"]["record:bad_record"] == 1  # the row without an image
     assert metrics["bad_inputs"]["unreadable_image"] >= 1 and metrics["bad_inputs"]["too_small"] >= 1
     assert metrics["train_config"]["num_train"] == 5  # 5 image rows enumerated, 3 usable
+    assert metrics["train_config"]["edge_loss_weight"] == 0.0 and "l2_edge_weighted" not in metrics["final_terms"]
     tok = load_image_tokenizer("rqvae", str(out))
     assert tok.encode(tok.preprocess([Image.open(images / "0.png")])).codes_BN.shape == (1, 4 * 4 * 4)
 
@@ -126,6 +127,7 @@ def test_hqvae_with_perceptual_and_gan_terms(tmp_path, capsys):
     terms = metrics["final_terms"]
     assert {"l1", "l2", "commit", "perceptual", "gan_g", "gan_weight", "disc", "restarted"} <= set(terms)
     assert terms["perceptual"] > 0 and terms["gan_weight"] > 0 and terms["disc"] > 0
+    assert metrics["train_config"]["edge_loss_weight"] == 8.0 and terms["l2_edge_weighted"] > terms["l2"]
     tok = load_image_tokenizer("hqvae", str(out))
     assert tok.native_grid == (8, 8)  # top 8x8 + bottom 16x16 on 64 px
     with pytest.raises(FileNotFoundError, match="--perceptual_path"):
