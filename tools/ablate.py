@@ -91,6 +91,7 @@ class Preset:
     tokenizer_dir: str | None = "data/shapes/tokenizer"  # reused when it exists, else trained into out_dir
     vq_dir: str | None = "data/shapes/vq"  # reused when it exists (and passes its gate), else trained into out_dir
     vq_args: dict[str, Any] | None = None  # train_vq arguments when a VQ is trained here (None: its defaults)
+    tokenizer_args: dict[str, Any] | None = None  # text_tokenizer.py train arguments when one is trained here
     model_overrides: dict[str, Any] | None = None  # fields replaced in configs/model/tiny_uni_x.json
     train_env: dict[str, str] | None = None  # more train.sh knobs
     threads: int = 2
@@ -104,7 +105,7 @@ PRESETS: dict[str, Preset] = {
     "ci": Preset(
         num_images=48, max_steps=20, heldout_pairs=2, image_size=32, heldout_images=6, heldout_max_docs=12,
         shapes_per_tag=1, shapes_unseen_per_pair=1, n_samples=1, vqa_scenes=2, eval_limit=1, grad_tokens=48,
-        tokenizer_dir=None, vq_dir=None, threads=1,
+        tokenizer_dir=None, vq_dir=None, threads=1, tokenizer_args={"n_scenes": 200, "n_texts": 2000},
         vq_args={"num_train": 32, "num_eval": 8, "max_steps": 4, "batch_size": 16, "warmup_steps": 1,
                  "precision": "fp32", "num_threads": 1, "codebook_size": 64, "code_dim": 8, "channels": (8, 16, 16),
                  "enc_res_blocks": 0, "dec_res_blocks": 0, "mid_res_blocks": 0, "image_size": 32,
@@ -203,7 +204,7 @@ def setup_data(out: Path, p: Preset, num_images: int) -> Data:
     tokenizer = Path(p.tokenizer_dir) if p.tokenizer_dir and (Path(p.tokenizer_dir) / "tokenizer.json").is_file() \
         else root / "tokenizer"
     if not (tokenizer / "tokenizer.json").is_file():  # train.sh's step: text_tokenizer.py train
-        TokenizerCLI().train(out_dir=str(tokenizer))
+        TokenizerCLI().train(out_dir=str(tokenizer), **(p.tokenizer_args or {}))
     vq = Path(p.vq_dir) if p.vq_dir and (Path(p.vq_dir) / "metrics.json").is_file() else root / "vq"
     gate = {k: v for k, v in (p.vq_args or {}).items() if k.startswith("min_")}
     if not (vq / "metrics.json").is_file():
