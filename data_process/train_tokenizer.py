@@ -217,9 +217,18 @@ class PatchDiscriminator(nn.Sequential):
 
 
 def adaptive_gan_weight(nll: torch.Tensor, g_loss: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """taming's ``calculate_adaptive_weight``: ``|d nll/d last| / (|d g/d last| + 1e-4)``, clamped to [0, 1e4]."""
+    """taming's ``calculate_adaptive_weight``: ``|d nll/d last| / (|d g/d last| + 1e-4)``, clamped to [0, 1e4].
+
+    Under a process group both gradients are averaged over the ranks first (what DDP will apply), so every rank uses
+    the weight one process would compute on the global batch."""
+    import torch.distributed as dist
+
     nll_grad = torch.autograd.grad(nll, last, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for grad in (nll_grad, g_grad):
+            dist.all_reduce(grad)
+            grad /= dist.get_world_size()
     return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
 
 
@@ -464,7 +473,8 @@ def train_loop(cfg: TrainTokenizerConfig, tok: ImageTokenizer, batches: ImageBat
                 res.terms["restarted"] = torch.tensor(float(restarter.step()))
             if gan_on:
                 with autocast():
-                    d_real, d_fake = disc(pixels).float(), disc(res.recon_BCHW.detach()).float()
+                    # one forward for both halves: DDP expects one forward per backward
+                    d_real, d_fake = disc(torch.cat([pixels, res.recon_BCHW.detach()])).float().chunk(2)
                     d_loss = 0.5 * (F.relu(1.0 - d_real).mean() + F.relu(1.0 + d_fake).mean())  # hinge
                 disc_opt.zero_grad(set_to_none=True)
                 accelerator.backward(d_loss)
