@@ -58,7 +58,7 @@ if __package__ in (None, ""):  # run as a script (also under accelerate launch /
 
 from data_process.schema import atomic_path, atomic_write_text  # noqa: E402
 from data_process.train_vq import (  # noqa: E402
-    EVAL_INDEX_OFFSET, GATE_MIN_BACKGROUND_PCT, GATE_MIN_PSNR_DB, GATE_MIN_SCENES, SpeedSetting,
+    EVAL_INDEX_OFFSET, GATE_MIN_BACKGROUND_PCT, GATE_MIN_PSNR_DB, GATE_MIN_SCENES, SpeedSetting, TrainVQConfig,
     _failure_cause, _world_class, background_consistency, batch_indices, cached_images, choose_speed_setting,
     empty_positions, gate_verdict, lr_at, speed_candidates, time_speed_settings,
 )
@@ -78,7 +78,7 @@ class TrainTokenizerConfig:
 
     kind: str = "rqvae"
     data_config: str | None = None
-    num_train: int = 16000  # shapes world only
+    num_train: int = TrainVQConfig.num_train  # shapes world only; the shared flags default as in train_vq
     num_eval: int = 1000
     seed: int = 0
     batch_size: int = 32  # global: split over the processes

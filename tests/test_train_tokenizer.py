@@ -171,3 +171,15 @@ def test_learned_code_restarter_moves_dead_codes_onto_inputs():
     saved = restarter.state_dict()
     # third step: each restarted code is its own input vector's nearest code, so it is used (count above 0.5 * 4.5)
     assert torch.equal(saved[0], restarter.counts[0]) and (saved[0][1:] > 2.25).all()
+
+
+def test_shared_flags_default_as_train_vq():
+    """``--kind shapes`` with no flags must be train_vq's default run, so the shared defaults are train_vq's."""
+    import inspect
+
+    from data_process.train_vq import train_vq
+
+    mine, theirs = inspect.signature(tt.train_tokenizer).parameters, inspect.signature(train_vq).parameters
+    shared = ["num_train", "num_eval", "max_steps", "batch_size", "lr", "warmup_steps", "seed", "precision",
+              "save_every", "num_threads"]
+    assert {k: mine[k].default for k in shared} == {k: theirs[k].default for k in shared}
