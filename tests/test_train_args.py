@@ -56,6 +56,7 @@ def test_reference_knob_names_exist():
         (["--vision_encode_layers", "-1"], "vision_encode_layers=-1"),
         (["--model_max_length", "0"], "model_max_length=0"),
         (["--image_level_sizes", "64,x"], "image_level_sizes"),
+        (["--label_smoothing_factor", "0.1"], "label_smoothing_factor=0.1"),
         (["--no_such_flag", "1"], "no_such_flag"),
     ],
 )

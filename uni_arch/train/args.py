@@ -264,6 +264,9 @@ class UniTrainingArguments(TrainingArguments):
         _check_01("init_vision_with_text", self.init_vision_with_text)
         if self.loss_chunk_size < 0:
             raise ValueError(f"loss_chunk_size={self.loss_chunk_size} must be >= 0 (0 = the plain loss)")
+        if self.label_smoothing_factor:  # HF's smoother lives in Trainer.compute_loss, which UniTrainer replaces
+            raise ValueError(f"label_smoothing_factor={self.label_smoothing_factor}: not applied by the per-modality "
+                             "loss (UniTrainer.compute_loss); leave it at 0")
         if self.warmup_ratio is not None:
             _check_fraction("warmup_ratio", self.warmup_ratio)
             if self.warmup_ratio >= 1.0:
