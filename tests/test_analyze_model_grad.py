@@ -103,6 +103,20 @@ def test_branches_follow_layer_kinds(name):
     assert all(t.param in names for t in targets)
 
 
+def test_share_ffn_layers_report_the_shared_ffn():
+    """add_share_ffn=1: a middle layer's share_mlp is its own branch ("share"), its mlp the text branch."""
+    model = tiny_model("uni_x_amv1", add_share_ffn=1)
+    targets = grad.analysis_targets(model)
+    middle = [i for i, k in enumerate(model.config.layer_kinds) if k == "share_ffn"]
+    assert middle, model.config.layer_kinds
+    for layer in middle:
+        for weight in ("gate", "up", "down"):
+            mine = {t.branch: t.param for t in targets if t.layer == layer and t.weight == weight}
+            assert set(mine) == {"text", "vision", "share"}, (layer, weight, mine)
+            assert ".share_mlp." in mine["share"]
+    assert not [t for t in targets if t.branch == "share" and t.layer not in middle]
+
+
 # ------------------------------------------------------------------------------------------ samples
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):

@@ -34,6 +34,8 @@ branches, which conversion uses too):
              data pulls the vision copy against how text pulls the text copy. It means something only when the two
              copies share coordinates (the vision branch began as a copy of the text one, as modeling/conversion.py
              initialises it); between independent random inits it is ~0 by construction. Not baseline-adjusted.
+    share    ``add_share_ffn=1``: the shared FFN (``share_mlp``) of a middle layer that every token adds to its own
+             modality's FFN; compared like ``shared`` (its layer's ``mlp`` is then the ``text`` branch)
 
 The reference compared only Uni-X's shared middle layers; here every layer is reported, with its kind.
 **N/A**: a cosine with a zero-norm gradient is never computed (csv ``N/A``, json ``null``), nor is any similarity
@@ -92,7 +94,7 @@ WEIGHT_TYPES: dict[str, str] = {
     "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
     "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
 }
-BRANCHES = ("shared", "text", "vision")
+BRANCHES = ("shared", "text", "vision", "share")
 SETS = ("text", "mm", "a", "b")
 NA = "N/A"
 CSV_NAME, JSON_NAME = "grad_conflict.csv", "grad_conflict.json"
@@ -145,6 +147,9 @@ def analysis_targets(model) -> list[Target]:
             if name not in params:
                 raise ValueError(f"layer {layer} ({kind}) has no parameter {name}: not a toolkit decoder layer")
             targets.append(Target(layer, kind, weight, "text" if name in paired else "shared", name))
+            share = f"model.layers.{layer}.share_{sub}.weight"  # add_share_ffn: the FFN every token adds
+            if share in params:
+                targets.append(Target(layer, kind, weight, "share", share))
     order = list(WEIGHT_TYPES)
     return sorted(targets, key=lambda t: (t.layer, order.index(t.weight), BRANCHES.index(t.branch)))
 
