@@ -388,12 +388,13 @@ def evaluate_shapes(tok: ImageTokenizer, images_u8: torch.Tensor, scenes: list, 
 
 # ---------------------------------------------------------------------------------------------- training
 def _save_state(path: Path, tok: nn.Module, disc: nn.Module | None, opt, disc_opt, step: int, bad: dict[str, int],
-                restarter: "LearnedCodeRestarter | None", cfg: dict) -> None:
+                restarter: "LearnedCodeRestarter | None", elapsed_s: float, cfg: dict) -> None:
     with atomic_path(path) as tmp:
         torch.save({"model": tok.state_dict(), "disc": disc.state_dict() if disc is not None else None,
                     "optimizer": opt.state_dict(), "disc_optimizer": disc_opt.state_dict() if disc_opt else None,
                     "restarter": restarter.state_dict() if restarter is not None else None,
-                    "step": step, "rng": torch.get_rng_state(), "bad": bad, "config": cfg}, tmp)
+                    "step": step, "elapsed_s": elapsed_s, "rng": torch.get_rng_state(), "bad": bad,
+                    "config": cfg}, tmp)
 
 
 def train_loop(cfg: TrainTokenizerConfig, tok: ImageTokenizer, batches: ImageBatches, out: Path,
@@ -410,7 +411,7 @@ def train_loop(cfg: TrainTokenizerConfig, tok: ImageTokenizer, batches: ImageBat
     disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9)) if disc is not None else None
     restarter = (LearnedCodeRestarter([tok.quantize_t, tok.quantize_b], cfg.restart_decay, cfg.restart_ratio)
                  if cfg.kind == "hqvae" and cfg.restart_ratio > 0 else None)
-    step = 0
+    step, elapsed_before = 0, 0.0
     if state_path.exists():
         state = torch.load(state_path, weights_only=True)
         if state["config"] != cfg.to_dict():
@@ -425,8 +426,8 @@ def train_loop(cfg: TrainTokenizerConfig, tok: ImageTokenizer, batches: ImageBat
         torch.set_rng_state(state["rng"])
         if accelerator.is_main_process:  # the ranks' sum at the save; the other ranks count afresh
             batches.bad.update({k: v for k, v in state["bad"].items() if not k.startswith("record:")})
-        step = int(state["step"])
-        logger.info(f"resuming from {state_path} at step {step}")
+        step, elapsed_before = int(state["step"]), float(state["elapsed_s"])
+        logger.info(f"resuming from {state_path} at step {step} ({elapsed_before:.0f}s already trained)")
     objective_ddp, opt = accelerator.prepare(objective, opt)
     if disc is not None:
         disc, disc_opt = accelerator.prepare(disc, disc_opt)
@@ -497,11 +498,12 @@ def train_loop(cfg: TrainTokenizerConfig, tok: ImageTokenizer, batches: ImageBat
                 bad = batches.global_bad(accelerator)
                 if accelerator.is_main_process:
                     _save_state(state_path, tok, accelerator.unwrap_model(disc) if disc is not None else None,
-                                opt, disc_opt, step, bad, restarter, cfg.to_dict())
+                                opt, disc_opt, step, bad, restarter,
+                                elapsed_before + time.perf_counter() - t0, cfg.to_dict())
                 accelerator.wait_for_everyone()
     tok.eval()
     run_s = time.perf_counter() - t0
-    return {"steps": step, "finished": step >= cfg.max_steps, "train_s": round(run_s, 1),
+    return {"steps": step, "finished": step >= cfg.max_steps, "train_s": round(elapsed_before + run_s, 1),
             "s_per_step": round(run_s / max(1, step - start_step), 4),
             "first_l2": history[0]["l2"] if history else None,
             # every loss term (and the GAN weight) averaged over the last 20 steps: which terms were on, and their size
