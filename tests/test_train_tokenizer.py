@@ -35,8 +35,8 @@ def _fresh_accelerate_state():
 def _cli(out: Path, nproc: int) -> None:
     args = [f"--{k}={v}" for k, v in FLAGS.items()] + ["--kind=rqvae", f"--out_dir={out}",
                                                       f"--model_config={json.dumps(TINY_RQ)}"]
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-                 str(29600 + os.getpid() % 300)] if nproc > 1 else [sys.executable])
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+                str(29600 + os.getpid() % 300)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(launcher + [str(SCRIPT)] + args, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
@@ -45,8 +45,12 @@ def _cli(out: Path, nproc: int) -> None:
 
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory) -> Path:
+    """The reference: one process, in this interpreter (a second subprocess would cost ~10 s of imports)."""
+    from accelerate.state import AcceleratorState
+
     out = tmp_path_factory.mktemp("one") / "rq"
-    _cli(out, 1)
+    tt.train_tokenizer(**FLAGS, kind="rqvae", out_dir=str(out), model_config=TINY_RQ)
+    AcceleratorState._reset_state(reset_partial_state=True)
     return out
 
 
