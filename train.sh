@@ -179,6 +179,13 @@ if [[ "$SETUP_SHAPES" == auto ]]; then
 fi
 if [[ "$SETUP_SHAPES" == 1 ]]; then
   VQ_DIR="$SHAPES_DIR/vq"
+  if [[ -f "$SHAPES_DIR/world.json" ]]; then  # a world from an earlier run (or an older default) is reused as is
+    "$PY" -c 'import json, sys; have = json.load(open(sys.argv[1] + "/world.json")).get("num_images")
+sys.exit(0 if have == int(sys.argv[2]) else f"train.sh: {sys.argv[1]} was built with {have} images, but SHAPES_NUM_IMAGES={sys.argv[2]}: "
+         f"set SHAPES_NUM_IMAGES={have} to train on it, or delete {sys.argv[1]}/images, its jsonl files, world.json, "
+         f"data_config.yaml and {sys.argv[3]} (keep {sys.argv[1]}/vq and tokenizer) and rerun")' \
+      "$SHAPES_DIR" "$SHAPES_NUM_IMAGES" "$SHAPES_CODES_DIR" || exit 1
+  fi
   if [[ ! -f "$SHAPES_DIR/data_config.yaml" ]]; then
     echo "--- building the shapes world ($SHAPES_DIR) ---"
     "$PY" data_process/shapes_world.py build --out_dir "$SHAPES_DIR" --num_images "$SHAPES_NUM_IMAGES"

@@ -51,6 +51,21 @@ def test_bad_launcher_and_missing_preset_fail_fast(tmp_path):
     assert proc.returncode == 2 and "not found" in proc.stderr
 
 
+def test_a_world_of_another_size_is_not_reused_silently(tmp_path):
+    """A shapes world left by an earlier run (or an older default) with another number of images stops the set-up
+    with both numbers and what to do, before anything is trained on it."""
+    shapes = tmp_path / "shapes"
+    shapes.mkdir()
+    (shapes / "world.json").write_text(json.dumps({"seed": 0, "num_images": 4000, "complete": True}))
+    env = {**os.environ, "SHAPES_DIR": str(shapes), "SHAPES_CODES_DIR": str(tmp_path / "codes"),
+           "OUTPUT_DIR": str(tmp_path / "run"), "SHAPES_NUM_IMAGES": "16000", "SETUP_SHAPES": "1"}
+    proc = subprocess.run(["bash", "train.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 1, log[-3000:]
+    assert "was built with 4000 images, but SHAPES_NUM_IMAGES=16000" in log and "SHAPES_NUM_IMAGES=4000" in log
+    assert not (tmp_path / "run" / "train.log").exists() and not (shapes / "vq").exists()
+
+
 @pytest.mark.slow
 def test_train_sh_stops_at_the_vq_quality_gate_before_encoding_or_training(tmp_path):
     """A deliberately under-trained VQ (2 steps) makes the shapes set-up stop with the figures and what to do,
