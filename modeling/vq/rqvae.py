@@ -49,7 +49,7 @@ from modeling.vq.base import (
     save_safetensors_dir,
 )
 from modeling.vq.preprocess import Preprocessor
-from modeling.vq.shapes_vq import NORMS, Decoder, Encoder, L2EMAQuantizer, VQOutput
+from modeling.vq.shapes_vq import NORMS, ConvGridGeometry, Decoder, Encoder, L2EMAQuantizer, VQOutput
 
 
 # -- serialisation (pure) ----------------------------------------------------------------------------------------
@@ -80,7 +80,7 @@ def deserialize(codes_BN: torch.Tensor, grid: tuple[int, int], depth: int) -> to
 
 # -- config --------------------------------------------------------------------------------------------------------
 @dataclass
-class RQVAEConfig:
+class RQVAEConfig(ConvGridGeometry):
     """Architecture of :class:`RQVAE`; saved as ``config.json``.
 
     ``channels[i]`` is the width at resolution ``image_size / 2**i`` (``len(channels) - 1`` stride-2 stages), as in
@@ -116,15 +116,6 @@ class RQVAEConfig:
             raise ValueError(f"RQVAEConfig.ema_decay must be in (0, 1), got {self.ema_decay=}")
         if self.norm not in NORMS:
             raise ValueError(f"RQVAEConfig.norm must be one of {sorted(NORMS)}, got {self.norm=}")
-
-    @property
-    def downsample(self) -> int:
-        return 2 ** (len(self.channels) - 1)
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        side = self.image_size // self.downsample
-        return side, side
 
     def to_dict(self) -> dict:
         d = asdict(self)

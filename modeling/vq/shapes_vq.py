@@ -77,8 +77,25 @@ from modeling.vq.base import (
 
 
 
+class ConvGridGeometry:
+    """The code grid of a convolutional tokenizer config with ``image_size`` and ``channels`` (one stride-2 stage
+    between consecutive widths); shared by :class:`ShapesVQConfig` and the RQ-VAE's config."""
+
+    image_size: int
+    channels: tuple[int, ...]
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.image_size // self.downsample
+        return (side, side)
+
+
 @dataclass
-class ShapesVQConfig:
+class ShapesVQConfig(ConvGridGeometry):
     """Architecture of :class:`ShapesVQ`; saved as ``config.json`` next to the weights.
 
     ``channels[i]`` is the width at resolution ``image_size / 2**i``; ``len(channels) - 1`` stride-2 stages give the
@@ -125,15 +142,6 @@ class ShapesVQConfig:
             raise ValueError(f"norm must be one of {sorted(NORMS)}, got {self.norm=}")
         if min(self.enc_res_blocks, self.dec_res_blocks, self.mid_res_blocks) < 0:
             raise ValueError("enc_res_blocks, dec_res_blocks and mid_res_blocks must be >= 0")
-
-    @property
-    def downsample(self) -> int:
-        return 2 ** (len(self.channels) - 1)
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        side = self.image_size // self.downsample
-        return (side, side)
 
     def to_dict(self) -> dict:
         d = asdict(self)
