@@ -134,8 +134,9 @@ class ModalityRouting:
         A branch with no tokens still runs on its empty slice, so its parameters stay in the autograd graph and
         receive a (zero) gradient: DDP/ZeRO all-reduce every parameter on every rank (DESIGN.md section 9).
         """
-        n = self.num_text
-        return torch.cat([text_fn(x_MF[:n]), vision_fn(x_MF[n:])], dim=0)
+        # split, not x[:n] / x[n:]: each slice's backward would build a full-size zero gradient (see attention.py)
+        text_MF, vision_MF = x_MF.split([self.num_text, x_MF.shape[0] - self.num_text], dim=0)
+        return torch.cat([text_fn(text_MF), vision_fn(vision_MF)], dim=0)
 
     def route(
         self,
