@@ -93,8 +93,9 @@ ENV_VARS=" $(compgen -e | tr '\n' ' ') "   # what the caller set (it beats the p
 # -- Shapes-world set-up (only for the default data) --
 : "${SETUP_SHAPES=auto}"                        # auto: when DATA_PATH reads SHAPES_CODES_DIR
 : "${SHAPES_NUM_IMAGES=16000}"                  # 4,000 images (4 passes per run) drew the asked shape in 41% of images, 16,000 (one pass) in 56%
-: "${VQ_TIME_LIMIT_S=3600}"                     # a guard only: the VQ schedule is in steps (~7 min with bf16, ~11 in fp32, on 2 cores)
-: "${VQ_EXTRA_ARGS=}"                           # more flags for data_process/train_vq.py train, e.g. "--max_steps 4800" (the default is 2400)
+: "${SHAPES_HELDOUT_PAIRS=4}"                   # (colour, shape) pairs never shown in training: the unseen-pair GenEval split
+: "${VQ_TIME_LIMIT_S=3600}"                     # a guard only: the VQ schedule is in steps (~4 min with bf16, ~7 in fp32, on 2 cores)
+: "${VQ_EXTRA_ARGS=}"                           # more flags for data_process/train_vq.py train, e.g. "--max_steps 4000" (the default is 2000)
 # The tokenizer's quality gate: nothing is encoded or trained on a VQ below it (see data_process/train_vq.py).
 : "${VQ_GATE_DETECTOR_PCT=90}"                  # shapes detector's exact-match rate on VQ reconstructions, %
 : "${VQ_GATE_PSNR_DB=30}"                       # held-out reconstruction PSNR, dB
@@ -180,15 +181,19 @@ fi
 if [[ "$SETUP_SHAPES" == 1 ]]; then
   VQ_DIR="$SHAPES_DIR/vq"
   if [[ -f "$SHAPES_DIR/world.json" ]]; then  # a world from an earlier run (or an older default) is reused as is
-    "$PY" -c 'import json, sys; have = json.load(open(sys.argv[1] + "/world.json")).get("num_images")
-sys.exit(0 if have == int(sys.argv[2]) else f"train.sh: {sys.argv[1]} was built with {have} images, but SHAPES_NUM_IMAGES={sys.argv[2]}: "
-         f"set SHAPES_NUM_IMAGES={have} to train on it, or delete {sys.argv[1]}/images, its jsonl files, world.json, "
-         f"data_config.yaml and {sys.argv[3]} (keep {sys.argv[1]}/vq and tokenizer) and rerun")' \
-      "$SHAPES_DIR" "$SHAPES_NUM_IMAGES" "$SHAPES_CODES_DIR" || exit 1
+    "$PY" -c 'import json, sys; w = json.load(open(sys.argv[1] + "/world.json"))
+have = (w.get("num_images"), len(w.get("heldout_pairs") or []))
+want = (int(sys.argv[2]), int(sys.argv[4]))
+sys.exit(0 if have == want else f"train.sh: {sys.argv[1]} was built with {have[0]} images and {have[1]} held-out pairs, but "
+         f"SHAPES_NUM_IMAGES={want[0]} SHAPES_HELDOUT_PAIRS={want[1]}: set SHAPES_NUM_IMAGES={have[0]} SHAPES_HELDOUT_PAIRS={have[1]} "
+         f"to train on it, or delete {sys.argv[1]}/images, its jsonl files, world.json, geneval, data_config.yaml and "
+         f"{sys.argv[3]} (keep {sys.argv[1]}/vq and tokenizer) and rerun")' \
+      "$SHAPES_DIR" "$SHAPES_NUM_IMAGES" "$SHAPES_CODES_DIR" "$SHAPES_HELDOUT_PAIRS" || exit 1
   fi
   if [[ ! -f "$SHAPES_DIR/data_config.yaml" ]]; then
     echo "--- building the shapes world ($SHAPES_DIR) ---"
-    "$PY" data_process/shapes_world.py build --out_dir "$SHAPES_DIR" --num_images "$SHAPES_NUM_IMAGES"
+    "$PY" data_process/shapes_world.py build --out_dir "$SHAPES_DIR" --num_images "$SHAPES_NUM_IMAGES" \
+      --heldout_pairs "$SHAPES_HELDOUT_PAIRS"
   fi
   if [[ ! -f "$SHAPES_DIR/tokenizer/tokenizer.json" ]]; then
     echo "--- training the shapes text tokenizer ($SHAPES_DIR/tokenizer) ---"
@@ -261,7 +266,7 @@ if [[ "$SETUP_SHAPES" == 1 ]]; then
 fi
 if [[ "$SETUP_SHAPES" == 1 && "$CKPT_GATE_SEEDS" != 0 ]]; then
   echo "--- checking the checkpoint's drawing ($CKPT_GATE_SEEDS seeds x 40 prompts; $OUT/shapes_t2i) ---"
-  "$PY" evaluation/shapes_t2i.py --checkpoint "$OUT" --num_seeds "$CKPT_GATE_SEEDS" \
+  "$PY" evaluation/shapes_t2i.py --checkpoint "$OUT" --num_seeds "$CKPT_GATE_SEEDS" --world "$SHAPES_DIR" \
     --min_pair_exact_pct "$CKPT_GATE_PAIR_EXACT_PCT" --max_uncond_pct "$CKPT_GATE_UNCOND_PCT" || { echo "train.sh: the checkpoint is below its drawing gate (message above)" >&2; exit 1; }
 fi
 echo "checkpoint:   $OUT"

@@ -93,3 +93,45 @@ def test_gate_reasons_name_the_failing_figure():
     reasons = shapes_t2i.gate_reasons(summary, min_pair_exact_pct=40.0, max_uncond_pct=10.0)
     assert reasons[0] == "40-pair mean exact rate 30.0% < 40.0%"
     assert reasons[1].startswith("the unconditional prompt draws one red circle in 25.0% > 10.0%")
+
+
+class HeldOutOracle(OracleInfer):
+    """Like OracleInfer, but a held-out pair is drawn in the wrong colour on every seed (a model that never saw it)."""
+
+    def __init__(self, unseen):
+        super().__init__()
+        self.unseen = set(unseen)
+
+    def generate_images(self, prompts, num_images, **kw):
+        out = super().generate_images(prompts, num_images, **kw)
+        for p, drawn in zip(prompts, out):
+            if p is not None and tuple(PROMPT_RE.fullmatch(p).groups()) in self.unseen:
+                color, shape = PROMPT_RE.fullmatch(p).groups()
+                other = "black" if color != "black" else "white"
+                for g in drawn:
+                    g.image = WORLD.render(Scene((ShapeObject(shape, other, (10, 10, 30, 30)),), 64, 0, "colors"))
+        return out
+
+
+def test_held_out_pairs_are_reported_apart_and_the_gate_reads_the_seen_ones():
+    pairs = [("red", "circle"), ("orange", "square"), ("white", "diamond"), ("blue", "triangle")]
+    unseen = (("white", "diamond"),)
+    summary, _ = shapes_t2i.measure(HeldOutOracle(unseen), num_seeds=4, seed=0, cfg_scale=3.0, batch_size=8,
+                                    pairs=pairs, unseen_pairs=unseen)
+    assert summary["seen_pair_mean"]["exact"] == 0.5  # the oracle's even seeds, on the three seen pairs
+    assert summary["unseen_pair_mean"] == dict(exact=0.0, one_object=1.0, color=0.0, shape=1.0)
+    assert summary["pair_mean"]["exact"] == pytest.approx(0.375)  # (3 x 0.5 + 0) / 4
+    assert summary["unseen_pairs"] == [["white", "diamond"]]
+    assert summary["table"][photo_caption("white", "diamond")]["unseen"] is True
+    assert shapes_t2i.gate_reasons(summary, min_pair_exact_pct=45.0) == []  # the all-pair 37.5% would fail
+    assert shapes_t2i.gate_reasons(summary, min_pair_exact_pct=55.0) == ["seen-pair mean exact rate 50.0% < 55.0%"]
+    text = shapes_t2i.format_table(summary)
+    assert "0%* |" in text and "unseen pairs* (1, held out of training): exact 0.0%" in text
+    assert "seen pairs (3): exact 50.0%" in text
+
+
+def test_without_held_out_pairs_the_split_is_absent():
+    summary, _ = shapes_t2i.measure(OracleInfer(), num_seeds=2, seed=0, cfg_scale=3.0, batch_size=8,
+                                    pairs=[("red", "circle")])
+    assert summary["unseen_pair_mean"] is None and summary["seen_pair_mean"] == summary["pair_mean"]
+    assert "unseen" not in shapes_t2i.format_table({**summary, "table": summary["table"]})

@@ -62,7 +62,8 @@ def test_a_world_of_another_size_is_not_reused_silently(tmp_path):
     proc = subprocess.run(["bash", "train.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 1, log[-3000:]
-    assert "was built with 4000 images, but SHAPES_NUM_IMAGES=16000" in log and "SHAPES_NUM_IMAGES=4000" in log
+    assert "was built with 4000 images and 0 held-out pairs, but SHAPES_NUM_IMAGES=16000 SHAPES_HELDOUT_PAIRS=4" in log
+    assert "SHAPES_NUM_IMAGES=4000 SHAPES_HELDOUT_PAIRS=0" in log
     assert not (tmp_path / "run" / "train.log").exists() and not (shapes / "vq").exists()
 
 
