@@ -68,6 +68,9 @@ EXPERIMENTS: list[dict[str, Any]] = [
 
 # ============================================================================================ the schema
 TRAIN_HINT = "`bash train.sh` makes the default shapes checkpoint and world"
+# How text-to-image benchmarks seed their images (evaluation/benchmarks/runners.t2i_generate_fn); p is the prompt's
+# line in GenEval-style metadata, or dpg_bench.prompt_number(item id) for DPG-Bench.
+SEEDS_RULE = "image i of prompt number p: seed + p * n + i (n images per prompt)"
 
 
 class ExperimentError(ValueError):
@@ -204,7 +207,7 @@ class Experiment:
         return {"checkpoint": str(Path(self.model_path).resolve()),
                 "checkpoint_sha256": checkpoint_hash(self.model_path),
                 "cfg_scale": self.cfg, "sampling": dataclasses.asdict(self.sampling()),
-                "seed": self.seed, "seeds": "image i of every prompt: seed + i", "n_samples": self.n_samples}
+                "seed": self.seed, "seeds": SEEDS_RULE, "n_samples": self.n_samples}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

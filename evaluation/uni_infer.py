@@ -98,6 +98,17 @@ class ChatPlans(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------------ images in
+def per_prompt_seeds(seed: int | Sequence[int], num_prompts: int) -> list[int]:
+    """The base seed of each prompt: one int for all (image ``i`` of every prompt seeded ``seed + i``, so one
+    prompt's images do not depend on the others in the call), or one per prompt."""
+    if isinstance(seed, int):
+        return [seed] * num_prompts
+    bases = [int(s) for s in seed]
+    if len(bases) != num_prompts:
+        raise ValueError(f"seed lists {len(bases)} bases for {num_prompts} prompts")
+    return bases
+
+
 def open_image(value: Any, where: str):
     """A PIL image from a PIL image, a ``data:`` URL, a ``file://`` URL or a local path (remote URLs refused)."""
     from modeling.vq.preprocess import decode_image, to_rgb
@@ -206,18 +217,21 @@ class UniInfer:
         return self.pipe.builder.chat_prompt_ids(turns, images)
 
     # ------------------------------------------------------------------------------ text-to-image
-    def generate_images(self, prompts: str | None | Sequence[str | None], num_images: int = 1, *, seed: int = 0,
+    def generate_images(self, prompts: str | None | Sequence[str | None], num_images: int = 1, *,
+                        seed: int | Sequence[int] = 0,
                         grid: tuple[int, int] | None = None, cfg_scale: float = DEFAULT_CFG_SCALE,
                         sampling: SamplingSettings = IMAGE_DEFAULTS, batch_size: int | None = None,
                         use_cache: bool = True) -> list[list[GeneratedImage]]:
-        """``num_images`` images per prompt (image ``i`` seeded ``seed + i``), ``batch_size`` samples per forward
-        (default: all at once; each sample adds a CFG twin row). A prompt of None is the unconditional prompt (the
-        CFG twin's; guidance leaves it unchanged). Returns one list per prompt."""
+        """``num_images`` images per prompt (image ``i`` seeded ``seed + i``; ``seed`` may also list one base per
+        prompt, as benchmarks do so that two prompts with the same text get different images), ``batch_size`` samples
+        per forward (default: all at once; each sample adds a CFG twin row). A prompt of None is the unconditional
+        prompt (the CFG twin's; guidance leaves it unchanged). Returns one list per prompt."""
         prompts = [prompts] if prompts is None or isinstance(prompts, str) else list(prompts)
         if num_images < 1 or not prompts:
             raise ValueError(f"need at least one prompt and num_images >= 1, got {len(prompts)}, {num_images}")
         grid = self.pipe.resolve_grid(grid)
-        plans = self.t2i_plans(prompts, num_images, seed=seed, grid=grid, cfg_scale=cfg_scale)
+        bases = per_prompt_seeds(seed, len(prompts))
+        plans = self.t2i_plans(prompts, num_images, seed=bases, grid=grid, cfg_scale=cfg_scale)
         decoder = self.decoder(grid)
         n = len(self.pipe.levels(grid))
         step = batch_size or len(plans)
@@ -229,7 +243,7 @@ class UniInfer:
         results: list[list[GeneratedImage]] = [[] for _ in prompts]
         for k, (c, pic) in enumerate(zip(codes, pictures)):
             j, i = divmod(k, num_images)
-            results[j].append(GeneratedImage(pic, c, grid, seed + i, prompts[j]))
+            results[j].append(GeneratedImage(pic, c, grid, bases[j] + i, prompts[j]))
         return results
 
     # ------------------------------------------------------------------------------------- chat
@@ -256,15 +270,17 @@ class UniInfer:
     __call__ = chat
 
     # --------------------------------------------------------------- rows for a decoder (also the server's)
-    def t2i_plans(self, prompts: Sequence[str | None], num_images: int = 1, *, seed: int = 0,
+    def t2i_plans(self, prompts: Sequence[str | None], num_images: int = 1, *, seed: int | Sequence[int] = 0,
                   grid: tuple[int, int] | None = None, cfg_scale: float = DEFAULT_CFG_SCALE) -> list[RowPlan]:
-        """Decoder rows for text-to-image: ``num_images`` per prompt, image ``i`` seeded ``seed + i``, each with
-        the unconditional twin when ``cfg_scale != 1``. ``generate_images`` and the HTTP server build rows here."""
+        """Decoder rows for text-to-image: ``num_images`` per prompt, image ``i`` seeded ``seed + i`` (or
+        ``seed[j] + i`` for prompt ``j``), each with the unconditional twin when ``cfg_scale != 1``.
+        ``generate_images`` and the HTTP server build rows here."""
         grid = self.pipe.resolve_grid(grid)
         builder = self.pipe.builder
         uncond = builder.t2i_prompt_ids(None, grid) if cfg_scale != 1.0 else None
-        return [RowPlan(builder.t2i_prompt_ids(p, grid), seed + i, start_in_image=True, stop_after_image=True,
-                        uncond_prompt=uncond) for p in prompts for i in range(num_images)]
+        bases = per_prompt_seeds(seed, len(prompts))
+        return [RowPlan(builder.t2i_prompt_ids(p, grid), base + i, start_in_image=True, stop_after_image=True,
+                        uncond_prompt=uncond) for p, base in zip(prompts, bases) for i in range(num_images)]
 
     def chat_plans(self, prompts: Sequence[list[int]], *, draw: Draw = "never", seed: int = 0,
                    cfg_scale: float = DEFAULT_CFG_SCALE, grid: tuple[int, int] | None = None) -> "ChatPlans":

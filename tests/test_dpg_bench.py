@@ -141,7 +141,8 @@ class ScriptedJudge:
         return REPLIES[kind][len(self.asked) % len(REPLIES[kind])]
 
 
-def draw(prompts, n):
+def draw(prompts, n, numbers):
+    assert len(numbers) == len(prompts)
     return [[Image.new("RGB", (8, 8), CROP_COLORS[k]) for k in range(n)] for _ in prompts]
 
 
@@ -183,7 +184,7 @@ def test_run_scores_known_values_and_asks_nothing_twice(tmp_path):
     judge = ScriptedJudge()
     assert dpg.score_folder(out, questions, judge, judge_info={"model": "fake"}) == summary and judge.asked == []
     dpg.grid_path(out, "2").unlink()
-    dpg.generate(lambda p, n: [draw(p, n)[0][::-1] for _ in p], prompts, out)  # crops in reverse order
+    dpg.generate(lambda p, n, k: [draw(p, n, k)[0][::-1] for _ in p], prompts, out)  # crops in reverse order
     judge = ScriptedJudge()
     dpg.score_folder(out, questions, judge)
     assert sorted(judge.asked) == sorted((c, qq) for c in range(4) for qq in ("Is there a tree?", "Is the tree tall?"))
@@ -240,3 +241,17 @@ def test_openai_judge_over_http(tmp_path):
                                   for qq in ("Is there a tree?", "Is the tree tall?"))
     assert summary["overall"] == pytest.approx(50.0)  # tree yes, tall no on every crop
     assert summary["judge"]["model"] == "judge-model" and "secret" not in json.dumps(summary)
+
+
+def test_each_item_is_drawn_with_its_own_stable_number(tmp_path):
+    """The numbers (hence seeds) of an item depend on its id only: not on the batch or the other prompts."""
+    seen = {}
+
+    def spy(prompts, n, numbers):
+        seen.update(zip(prompts, numbers))
+        return draw(prompts, n, numbers)
+
+    dpg.generate(spy, {"1": "a", "2": "b", "3": "c"}, tmp_path / "all", batch_prompts=2)
+    alone = {}
+    dpg.generate(lambda p, n, k: alone.update(zip(p, k)) or draw(p, n, k), {"3": "c"}, tmp_path / "one")
+    assert seen["c"] == alone["c"] == dpg.prompt_number("3") and len(set(seen.values())) == 3

@@ -94,7 +94,7 @@ class FakeGenerator:
         self.calls: list[list[str]] = []
         self.fail_on_call = fail_on_call
 
-    def __call__(self, prompts: list[str], n: int) -> list[list[Image.Image]]:
+    def __call__(self, prompts: list[str], n: int, numbers: list[int]) -> list[list[Image.Image]]:
         self.calls.append(list(prompts))
         if len(self.calls) == self.fail_on_call:
             raise KeyboardInterrupt("interrupted")
@@ -135,7 +135,8 @@ def test_missing_samples_refuses_another_metadata_file(tmp_path):
 
 def test_generate_checks_the_image_counts(tmp_path):
     with pytest.raises(ValueError, match="expected 2 each"):
-        ge.generate(lambda prompts, n: [[Image.new("RGB", (4, 4))] for _ in prompts], [DOG], tmp_path, n_samples=2)
+        ge.generate(lambda prompts, n, numbers: [[Image.new("RGB", (4, 4))] for _ in prompts], [DOG], tmp_path,
+                    n_samples=2)
 
 
 # -------------------------------------------------------------------------------------------------- rules
@@ -321,7 +322,7 @@ def test_transformers_scorer_end_to_end_and_resume(tmp_path, tiny_models):
     meta = [DOG, person, RED_DOG, {**COUNT2, "exclude": [{"class": "dog", "count": 30}]}]
     rng = np.random.default_rng(0)
     out = tmp_path / "geneval"
-    ge.generate(lambda prompts, n: [[Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8))
+    ge.generate(lambda prompts, n, numbers: [[Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8))
                                      for _ in range(n)] for _ in prompts], meta, out, n_samples=2)
     spy = Spy(scorer)
     summary = ge.score_folder(out, spy)
@@ -365,3 +366,18 @@ def test_score_folder_refuses_classes_the_detector_does_not_know(tmp_path):
     ge.write_prompt_samples(tmp_path, 0, TWO, [Image.new("RGB", (4, 4))])
     with pytest.raises(ValueError, match=r"classes \['cat'\] are not among the detector's labels"):
         ge.score_folder(tmp_path, Labels())
+
+
+def test_generate_numbers_prompts_by_their_metadata_line_whatever_the_batch(tmp_path):
+    """Two prompts with the same text get different numbers (so different seeds); a resumed run numbers the
+    remaining prompts as the first run would have."""
+    meta = [DOG, DOG, RED_DOG]
+    calls = []
+
+    def fake(prompts, n, numbers):
+        calls.append(list(numbers))
+        return [[Image.new("RGB", (4, 4))] * n for _ in prompts]
+
+    ge.generate(fake, meta, tmp_path, n_samples=1, batch_prompts=2, indices=[0, 2])
+    ge.generate(fake, meta, tmp_path, n_samples=1, batch_prompts=2)  # resumes: only line 1 is missing
+    assert calls == [[0, 2], [1]]

@@ -106,6 +106,12 @@ def test_same_seed_same_image_and_batched_equals_one_at_a_time(infer):
     small_batches = infer.generate_images(["a red circle", "a blue square"], num_images=3, seed=7, batch_size=2)
     assert [[g.codes for g in x] for x in small_batches] == [[g.codes for g in x] for x in batched]
     assert batched[0][0].codes != batched[0][1].codes  # different seeds do differ
+    # one base seed per prompt (how benchmarks seed prompts that share a text): prompt j, image i -> seed[j] + i
+    twins = infer.generate_images(["a red circle", "a red circle"], num_images=3, seed=[7, 10])
+    assert [g.seed for g in twins[1]] == [10, 11, 12] and [g.codes for g in twins[0]] == [g.codes for g in batched[0]]
+    assert [g.codes for g in twins[0]] != [g.codes for g in twins[1]]
+    with pytest.raises(ValueError, match="2 bases for 1 prompts"):
+        infer.generate_images("a red circle", seed=[1, 2])
 
 
 def _plans(infer, cfg: bool):

@@ -39,6 +39,7 @@ import csv
 import io
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Sequence
@@ -53,7 +54,14 @@ from evaluation.benchmarks.vis_und import AskFn, VQAItem, ask_all, extract_answe
 REQUIRED_COLUMNS = ("item_id", "proposition_id", "dependency", "tuple", "question_natural_language")
 N_CROPS = 4  # a 2x2 grid, crops in ELLA's order: top-left, top-right, bottom-left, bottom-right
 CategoryCrops = Literal["all", "last"]
-GenerateFn = Callable[[list[str], int], list[list[Image.Image]]]
+# generate_fn(prompts, n, numbers): as GenEval's (geneval.GenerateFn); a prompt's number is prompt_number(item_id).
+GenerateFn = Callable[[list[str], int, list[int]], list[list[Image.Image]]]
+
+
+def prompt_number(item_id: str) -> int:
+    """A stable number for a DPG item (CRC-32 of its id): its seeds do not depend on which device drew it or on
+    the other prompts of the run."""
+    return zlib.crc32(item_id.encode("utf-8"))
 
 
 class DPGDataError(ValueError):
@@ -172,7 +180,8 @@ def split_grid(grid: Image.Image) -> list[Image.Image]:
 def generate(generate_fn: GenerateFn, prompts: dict[str, str], out_dir: str | os.PathLike,
              batch_prompts: int = 8) -> list[str]:
     """Draw 4 images for every prompt without a grid on disk, ``batch_prompts`` prompts per
-    ``generate_fn(prompts, 4)`` call, and save each prompt's grid atomically. Returns the item ids drawn."""
+    ``generate_fn(prompts, 4, numbers)`` call (``numbers``: :func:`prompt_number` of each item), and save each
+    prompt's grid atomically. Returns the item ids drawn."""
     if batch_prompts < 1:
         raise ValueError(f"batch_prompts must be >= 1, got {batch_prompts}")
     todo = [k for k in prompts if not grid_path(out_dir, k).is_file()]
@@ -181,7 +190,7 @@ def generate(generate_fn: GenerateFn, prompts: dict[str, str], out_dir: str | os
     with tqdm(total=len(todo), desc="dpg_bench generate", unit="prompt") as bar:
         for start in range(0, len(todo), batch_prompts):
             chunk = todo[start:start + batch_prompts]
-            images = generate_fn([prompts[k] for k in chunk], N_CROPS)
+            images = generate_fn([prompts[k] for k in chunk], N_CROPS, [prompt_number(k) for k in chunk])
             if len(images) != len(chunk):
                 raise ValueError(f"generate_fn returned {len(images)} lists for {len(chunk)} prompts")
             for item_id, imgs in zip(chunk, images):

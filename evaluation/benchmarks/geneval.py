@@ -187,13 +187,16 @@ def write_prompt_samples(out_dir: str | os.PathLike, index: int, metadata_line: 
     return final
 
 
-GenerateFn = Callable[[list[str], int], list[list[Image.Image]]]
+# generate_fn(prompts, n, numbers): n images per prompt; numbers[j] is prompt j's stable number (its line in the
+# metadata), from which the caller derives the prompt's seeds.
+GenerateFn = Callable[[list[str], int, list[int]], list[list[Image.Image]]]
 
 
 def generate(generate_fn: GenerateFn, metadata: Sequence[dict[str, Any]], out_dir: str | os.PathLike,
              n_samples: int = 4, batch_prompts: int = 8, indices: Sequence[int] | None = None) -> list[int]:
     """Draw ``n_samples`` images for every prompt not yet complete on disk, ``batch_prompts`` prompts per call of
-    ``generate_fn(prompts, n) -> one list of n PIL images per prompt`` (model-agnostic: the orchestrator passes a
+    ``generate_fn(prompts, n, numbers) -> one list of n PIL images per prompt`` (``numbers``: the prompts' lines in
+    ``metadata``, for per-prompt seeds; model-agnostic: the orchestrator passes a
     closure around ``UniInfer.generate_images``). ``indices``: only these prompts (a subset for ``--limit``, or one
     device's shard), still in the folders of their line in ``metadata``. Returns the indices written."""
     if n_samples < 1 or batch_prompts < 1:
@@ -208,7 +211,7 @@ def generate(generate_fn: GenerateFn, metadata: Sequence[dict[str, Any]], out_di
     with tqdm(total=len(todo), desc="geneval generate", unit="prompt") as bar:
         for start in range(0, len(todo), batch_prompts):
             chunk = todo[start:start + batch_prompts]
-            images = generate_fn([metadata[i]["prompt"] for i in chunk], n_samples)
+            images = generate_fn([metadata[i]["prompt"] for i in chunk], n_samples, list(chunk))
             if len(images) != len(chunk) or any(len(imgs) != n_samples for imgs in images):
                 raise ValueError(f"generate_fn returned {[len(x) for x in images]} images for {len(chunk)} prompts; "
                                  f"expected {n_samples} each")

@@ -53,11 +53,15 @@ def round_robin(asks: Sequence[Any]) -> Any:
 
 
 def t2i_generate_fn(infer: Any, exp: Experiment):
-    """``generate_fn(prompts, n)`` for the GenEval/DPG modules: the experiment's CFG, sampling and seed."""
+    """``generate_fn(prompts, n, numbers)`` for the GenEval/DPG modules: the experiment's CFG, sampling and seed;
+    image ``i`` of prompt number ``p`` is seeded ``exp.seed + p * n + i`` (``evaluation.exp.SEEDS_RULE``): two prompts with
+    the same text (the shapes suite has some) get different images, and a prompt's images do not depend on the
+    batch, the device shard or an earlier interrupted run."""
     sampling = exp.sampling()
 
-    def draw(prompts: list[str], n: int) -> list[list[Any]]:
-        out = infer.generate_images(prompts, n, seed=exp.seed, cfg_scale=exp.cfg, sampling=sampling)
+    def draw(prompts: list[str], n: int, numbers: list[int]) -> list[list[Any]]:
+        seeds = [exp.seed + p * n for p in numbers]
+        out = infer.generate_images(prompts, n, seed=seeds, cfg_scale=exp.cfg, sampling=sampling)
         return [[g.image for g in imgs] for imgs in out]
 
     return draw
