@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train a Uni-X model with the HF Trainer (uni_arch/train/hf_trainer.py).
 #
-#   bash train.sh                                   # the default: tiny Uni-X on the shapes world, CPU, ~21 min (~25 without native bf16)
+#   bash train.sh                                   # the default: tiny Uni-X on the shapes world, CPU, ~16 min (~19.5 without native bf16)
 #   bash train.sh configs/train/stage2.yaml         # a preset (YAML keys are hf_trainer.py argument names)
 #   LEARNING_RATE=3e-4 MAX_STEPS=200 bash train.sh  # any parameter below, from the environment
 #   LAUNCHER=accelerate NUM_PROCESSES=8 bash train.sh configs/train/stage3.yaml
@@ -200,7 +200,7 @@ sys.exit(0 if have == want else f"train.sh: {sys.argv[1]} was built with {have[0
     "$PY" data_process/text_tokenizer.py train --out_dir "$SHAPES_DIR/tokenizer"
   fi
   if [[ ! -f "$VQ_DIR/metrics.json" ]]; then
-    echo "--- training the shapes VQ tokenizer ($VQ_DIR, ~7-11 min on 2 idle cores) ---"
+    echo "--- training the shapes VQ tokenizer ($VQ_DIR, ~4 min on 2 idle cores with native bf16, ~8 without) ---"
     read -r -a VQ_EXTRA <<< "$VQ_EXTRA_ARGS"
     "$PY" data_process/train_vq.py train --out_dir "$VQ_DIR" --time_limit_s "$VQ_TIME_LIMIT_S" \
       --min_detector_pct "$VQ_GATE_DETECTOR_PCT" --min_psnr_db "$VQ_GATE_PSNR_DB" \
