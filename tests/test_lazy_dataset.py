@@ -161,3 +161,13 @@ def test_draws_are_per_occurrence(corpus):
     for row in stream.window_rows(0):
         draws.setdefault(row["sample_ids"][0], set()).add(int(row["input_ids"][0]))
     assert sum(len(v) == 2 for k, v in draws.items() if k.startswith("c")) >= 10
+
+
+def test_a_resume_on_another_layout_is_refused_with_what_to_do():
+    from uni_arch.train.lazy_dataset import layout_problem
+
+    saved = {"world_size": 2, "packing_buffer": 512, "shuffle_seed": 218, "records": [80]}
+    assert layout_problem(saved, dict(saved)) is None
+    problem = layout_problem(saved, {**saved, "world_size": 1})
+    assert "world_size: 2 in the checkpoint, 1 now" in problem and "NUM_PROCESSES=2" in problem
+    assert "records: [80] in the checkpoint, [81] now" in layout_problem(saved, {**saved, "records": [81]})

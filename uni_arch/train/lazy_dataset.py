@@ -380,20 +380,21 @@ class LazyRowStream:
         random.Random(f"{self.seed}:window:{j}").shuffle(rows)
         return rows
 
-    def rank_rows(self, rank: int, world_size: int, workers: int = 0, prefetch: int = 2) -> Iterator[dict[str, Any]]:
-        """Endless rows of one rank, windows rendered by ``workers`` processes (in order: the same rows for any
-        number of workers)."""
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-        if workers <= 0:
-            for m in itertools.count():
-                yield from self.window_rows(m * world_size + rank)
-            return
+    def window_loader(self, rank: int, world_size: int, workers: int, prefetch: int = 2, windows: int | None = None):
+        """A torch ``DataLoader`` whose item ``m`` is the rows of the rank's ``m``-th window, rendered by ``workers``
+        processes and returned in order (``windows`` of them; None: without end)."""
         from torch.utils.data import DataLoader
 
-        loader = DataLoader(_RankWindows(self, rank, world_size), batch_size=None, sampler=itertools.count(),
-                            num_workers=workers, prefetch_factor=prefetch, collate_fn=_identity)
-        for rows in loader:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        sampler = itertools.count() if windows is None else range(windows)
+        return DataLoader(_RankWindows(self, rank, world_size), batch_size=None, sampler=sampler, num_workers=workers,
+                          collate_fn=_identity, **({"prefetch_factor": prefetch} if workers else {}))
+
+    def rank_rows(self, rank: int, world_size: int, workers: int = 0, prefetch: int = 2) -> Iterator[dict[str, Any]]:
+        """Endless rows of one rank, windows rendered by ``workers`` processes (in order: the same rows for any
+        number of workers; 0 renders in this process)."""
+        for rows in self.window_loader(rank, world_size, workers, prefetch):
             yield from rows
 
 
