@@ -148,8 +148,12 @@ def build_lazy_train_dataset(sources, data_args: DataArguments, training_args: U
         raise ValueError(f"data_cache_dir={data_args.data_cache_dir!r} needs max_steps > 0: the lazy stream is endless "
                          "(data epochs follow each other with fresh draws)")
     with training_args.main_process_first(local=False, desc="prepare the data cache"):
-        lazy.prepare_cache(sources, code_vocab, data_args.data_cache_dir, num_proc=data_args.prepare_num_proc,
-                           skip_bad_records=data_args.skip_bad_records)
+        counts = lazy.prepare_cache(sources, code_vocab, data_args.data_cache_dir,
+                                    num_proc=data_args.prepare_num_proc, skip_bad_records=data_args.skip_bad_records)
+    if counts["prepared"]:
+        logger.warning(f"data_cache_dir: {counts['prepared']} of {counts['files']} record file(s) had no shard and were "
+                       "prepared by this run; for a large corpus run `python -m uni_arch.train.prepare_data` "
+                       "beforehand (the other ranks wait meanwhile)")
     stream = lazy.make_stream(sources, sample_builder, code_vocab, data_args.data_cache_dir,
                               seq_len=data_args.model_max_length, mode=data_args.use_data_packing,
                               overlong=data_args.overlong, percentage=data_args.data_percentage,
