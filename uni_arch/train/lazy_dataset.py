@@ -6,6 +6,20 @@ GPUs) the map-style path renders the whole corpus into RAM on every rank before 
 every rank parse and range-check the entire corpus (``validate_sources``) and every virtual shard re-read it, with
 shards of unequal length (a rank runs dry before the others).
 
+**Choice.** Built on ``datasets`` (already a dependency; litdata and mosaicml-streaming are not installed here, so
+they could not be measured): its ``ArrowWriter`` writes the shards and ``Dataset.from_file`` memory-maps them
+(``tools/bench.py data``: time to the first batch and peak RSS flat from 200k to 2M records). Not taken, and why:
+
+* ``load_dataset("json")`` + ``map(num_proc=...)`` to build the shards: it infers one arrow schema across rows of
+  different types and forgets where a row came from, so a bad record could no longer be named ``file:line: field``,
+  and the reference's rows need this toolkit's converter anyway. One shard per record file, files in parallel,
+  keeps both.
+* ``to_iterable_dataset(num_shards)`` + ``split_dataset_by_node``: it gives each rank whole shards, of unequal
+  length unless the shards divide evenly (otherwise every rank reads every example and keeps one in
+  ``world_size``), and shuffles by shard order plus a buffer rather than by the weighted mixture.
+* ``IterableDataset.state_dict`` for resume: a buffered shuffle comes back without its buffer (datasets warns that
+  the buffer "will be refilled": not the same samples), and the HF Trainer resumes by replaying batches anyway.
+
 **1. Prepare once** (``python -m uni_arch.train.prepare_data``, or the first run on the cache: rank 0 prepares
 under ``main_process_first`` while the other ranks wait, then all read). Every record file of ``data_path`` is read,
 parsed and range-checked once (``iter_source_records``: a bad record stops with ``file:line: field: problem`` as
