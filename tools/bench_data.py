@@ -85,8 +85,9 @@ def _peak_rss_mib() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
-def _first_batch_child(argv: list[str]) -> dict:
-    """A fresh rank: build everything as the entry point does and draw the first training batch."""
+def _first_batch_child(argv: list[str], throughput: dict | None = None) -> dict:
+    """A fresh rank: build everything as the entry point does and draw the first training batch; then, its peak
+    RSS taken, optionally the throughput measurement (:func:`_throughput`) on the same trainer."""
     import psutil
     import torch
 
@@ -98,8 +99,11 @@ def _first_batch_child(argv: list[str]) -> dict:
     setup_logging(0, "WARNING")
     trainer = make_trainer(*parse_args(argv))
     batch = next(iter(trainer.get_train_dataloader()))
-    return {"seconds": time.time() - psutil.Process().create_time(), "peak_rss_mib": _peak_rss_mib(),
-            "batch_tokens": int(batch["input_ids"].numel())}
+    out = {"seconds": time.time() - psutil.Process().create_time(), "peak_rss_mib": _peak_rss_mib(),
+           "batch_tokens": int(batch["input_ids"].numel())}
+    if throughput is not None:
+        out["throughput"] = _throughput(trainer, **throughput)
+    return out
 
 
 def _prepare_child(argv: list[str], num_proc: int) -> dict:
@@ -115,45 +119,32 @@ def _prepare_child(argv: list[str], num_proc: int) -> dict:
             "records": sum(counts["sources"].values())}
 
 
-def _throughput_child(argv: list[str], workers: int, windows: int, steps: int, threads: int) -> dict:
-    """Loader rows/s with ``workers`` processes over ``windows`` whole windows (after the first, which starts the
-    workers), then the tiny model's training rows/s on rows of the same stream."""
+def _throughput(trainer, workers: int, windows: int, steps: int, threads: int) -> dict:
+    """Loader rows/s of the trainer's lazy stream with ``workers`` processes over ``windows`` whole windows (after
+    the first, which starts the workers), then the rows/s of training steps of its model on rows of that stream."""
     import torch
 
-    from uni_arch.log_setup import setup_logging
-    from uni_arch.train import builders
-    from uni_arch.train.args import parse_args
-    from uni_arch.train.data_collator import META_KEYS, UniDataCollator
-    from uni_arch.train.dataset import parse_data_path
-    from uni_arch.train.lazy_dataset import make_stream
+    from uni_arch.train.data_collator import META_KEYS
     from uni_arch.train.trainer import modality_losses
 
-    setup_logging(0, "WARNING")
     torch.set_num_threads(threads)
-    model_args, data_args, training_args = parse_args(argv)
-    tokenizer = builders.build_tokenizer(model_args)
-    vocab = builders.build_code_vocab(model_args, tokenizer)
-    stream = make_stream(parse_data_path(data_args.data_path), builders.build_sample_builder(data_args, tokenizer, vocab),
-                         vocab, data_args.data_cache_dir, seq_len=data_args.model_max_length,
-                         mode=data_args.use_data_packing, seed=data_args.shuffle_seed, window=data_args.packing_buffer)
-    loader = stream.window_loader(0, 1, workers, windows=windows + 1)  # the loader of LazyRowStream.rank_rows
-    it = iter(loader)
+    stream = trainer.train_dataset.lazy_stream
+    it = iter(stream.window_loader(0, 1, workers, windows=windows + 1))  # the loader of LazyRowStream.rank_rows
     rows = list(next(it))  # workers started, first window rendered
     start = time.perf_counter()
     timed = [row for window in it for row in window]
     loader_rows_s = len(timed) / (time.perf_counter() - start)
-    del it, loader
-    model = builders.build_model(model_args, data_args, vocab)
+    del it
+    model = trainer.model.train()
     optim = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    collate = UniDataCollator(0, data_args.use_data_packing, data_args.model_max_length)
     times, cpu = [], []
     for k, row in enumerate((rows + timed)[: steps + 1]):
-        batch = collate([row])
+        batch = trainer.data_collator([row])
         t, c = time.perf_counter(), time.process_time()
         labels = batch.pop("labels")
         for key in META_KEYS:
             batch.pop(key)
-        parts = modality_losses(model(**batch, use_cache=False).logits, labels, vocab)
+        parts = modality_losses(model(**batch, use_cache=False).logits, labels, trainer.code_vocab)
         (parts["loss_sum"] / parts["num_targets"]).backward()
         optim.step()
         optim.zero_grad()
@@ -164,7 +155,7 @@ def _throughput_child(argv: list[str], workers: int, windows: int, steps: int, t
     return {"loader_rows_s": loader_rows_s, "train_rows_s": step_rows_s, "ratio": loader_rows_s / step_rows_s,
             "train_cpu_s_per_row": sum(cpu) / len(cpu), "rows": len(timed), "windows": windows, "steps": len(times),
             "workers": workers, "threads": threads,
-            "utilisation": sum(len(r["input_ids"]) for r in timed) / (len(timed) * data_args.model_max_length)}
+            "utilisation": sum(len(r["input_ids"]) for r in timed) / (len(timed) * stream.seq_len)}
 
 
 def _in_child(fn, *args) -> dict:
@@ -251,7 +242,10 @@ def main(records: int = 2000, sizes: str | None = None, cases: str = "old,new", 
             if "new" in names:
                 row["prepare"] = _in_child(_prepare_child, _train_argv(data, tokenizer, root / "p", seq_len, cache),
                                            prepare_num_proc) | {"num_proc": prepare_num_proc}
-                row["new"] = _in_child(_first_batch_child, _train_argv(data, tokenizer, root / "n", seq_len, cache))
+                measure = dict(workers=workers, windows=windows, steps=steps, threads=threads)
+                row["new"] = _in_child(_first_batch_child, _train_argv(data, tokenizer, root / "n", seq_len, cache),
+                                       measure if throughput and n == counts[-1] else None)
+                throughput_result = row["new"].pop("throughput", throughput_result)
                 logger.warning(f"{n:,}: prepare {row['prepare']}, new {row['new']}")
             if "old" in names:
                 if n <= old_max_records:
@@ -263,9 +257,6 @@ def main(records: int = 2000, sizes: str | None = None, cases: str = "old,new", 
                 else:
                     row["old"] = {"skipped": _old_estimate(old_per_record, n, old_max_records)}
             results.append(row)
-            if throughput and "new" in names and n == counts[-1]:
-                throughput_result = _in_child(_throughput_child, _train_argv(data, tokenizer, root / "t", seq_len, cache),
-                                              workers, windows, steps, threads)
             if n != counts[-1]:
                 import shutil
 

@@ -168,6 +168,7 @@ def build_lazy_train_dataset(sources, data_args: DataArguments, training_args: U
         training_args.dataloader_prefetch_factor = None
         training_args.dataloader_persistent_workers = False
     dataset = lazy.build_lazy_dataset(stream, training_args.world_size, workers, prefetch)
+    dataset.lazy_stream = stream  # for inspection and tools/bench_data.py
     dataset.lazy_layout = lazy.data_layout(training_args.world_size, stream, training_args.per_device_train_batch_size,
                                            training_args.gradient_accumulation_steps, data_args.data_path)
     return dataset
