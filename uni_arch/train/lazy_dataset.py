@@ -73,6 +73,7 @@ that says what to do (the Trainer's replay cannot continue a different layout at
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -88,7 +89,7 @@ from loguru import logger
 from tqdm import tqdm
 from transformers.trainer_callback import ExportableState, TrainerCallback
 
-from data_process.schema import RecordError, record_from_dict
+from data_process.schema import RecordError, atomic_write_text, record_from_dict
 from modeling.vocab import CodeVocab
 from uni_arch.train.dataset import (
     BadRecordCounter, Located, SampleBuilderLike, Source, _percentages, draw_rng, iter_source_records, mix_indices,
@@ -136,8 +137,6 @@ def _write_shard(path: Path, cache_dir: Path, key: str, vocab: CodeVocab, skip_b
     meta = {"file": str(path.resolve()), "records": records, "bad": on_bad.count, "bad_examples": on_bad.examples,
             "vocab": vocab.to_dict(), "version": CACHE_VERSION}
     os.replace(tmp, arrow)  # the arrow first: a meta json exists only beside a complete shard
-    from data_process.schema import atomic_write_text
-
     atomic_write_text(meta_path, json.dumps(meta, indent=1))
     return meta
 
@@ -168,18 +167,11 @@ def prepare_cache(sources: Sequence[Source], vocab: CodeVocab, cache_dir: str | 
         return counts
     logger.info(f"data cache {cache_dir}: validating {len(todo)} of {len(seen)} record file(s) into arrow shards "
                 f"({num_proc} process(es))")
-    progress = tqdm(total=len(todo), desc="prepare shards", unit="file", mininterval=5)
-    if num_proc <= 1 or len(todo) == 1:
-        results = (_prepare_one(t) for t in todo)
-        for meta in results:
+    parallel = num_proc > 1 and len(todo) > 1  # one file is one task: a single huge file is prepared serially
+    with ProcessPoolExecutor(min(num_proc, len(todo))) if parallel else contextlib.nullcontext() as pool:
+        for meta in tqdm((pool.map if parallel else map)(_prepare_one, todo), total=len(todo),
+                         desc="prepare shards", unit="file", mininterval=5):
             counts["records"] += meta["records"]
-            progress.update()
-    else:
-        with ProcessPoolExecutor(max_workers=min(num_proc, len(todo))) as pool:
-            for meta in pool.map(_prepare_one, todo):
-                counts["records"] += meta["records"]
-                progress.update()
-    progress.close()
     logger.info(f"data cache {cache_dir}: {counts['records']:,} valid record(s) written in {len(todo)} shard(s)")
     return counts
 
