@@ -7,7 +7,7 @@ from tools.bench import subcommand
 def test_bench_data_small_default_prints_the_tables(capsys, tmp_path):
     subcommand("data")(records=300, seq_len=256, windows=2, steps=1, threads=1, json_out=str(tmp_path / "bench.json"))
     out = capsys.readouterr().out
-    assert "| records | pipeline | time to first batch (s) | peak RSS per rank (MiB) | note |" in out
+    assert "| records | pipeline | time to first batch (s) | peak RSS per rank (MiB) | row utilisation | note |" in out
     for name in ("| 300 | prepare once (new) |", "| 300 | old: map-style |", "| 300 | new: data_cache_dir |"):
         assert name in out
     assert "| loader workers | packed rows/s (loader) |" in out and (tmp_path / "bench.json").is_file()

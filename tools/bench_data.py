@@ -7,7 +7,9 @@ of at most ``records_per_file``, then measures:
 1. **Time to the first training batch and peak RSS of a rank**, each case in a fresh spawned process (the rank):
    the entry point's own ``make_trainer`` (tokenizer, data, tiny model ``configs/model/tiny_uni_x.json``, Trainer)
    and the first batch of ``trainer.get_train_dataloader()``. Time counts from the process's creation (imports
-   included, the same for both); memory is the process's peak RSS (``VmHWM``). Cases: ``old`` -- the map-style
+   included, the same for both); memory is the process's peak RSS (``VmHWM``); row utilisation is real tokens
+   over row capacity (old: the whole epoch packed at once; new: its first four windows of ``packing_buffer``
+   samples, packed on the fly). Cases: ``old`` -- the map-style
    path (every record validated, rendered and packed into RAM before step 1); ``new`` -- ``--data_cache_dir`` on a
    cache prepared beforehand (``prepare`` row: ``uni_arch.train.prepare_data``'s work, once per corpus, with
    ``prepare_num_proc`` processes). ``old`` runs up to ``old_max_records``; above it the row says what it would
@@ -101,6 +103,12 @@ def _first_batch_child(argv: list[str], throughput: dict | None = None) -> dict:
     batch = next(iter(trainer.get_train_dataloader()))
     out = {"seconds": time.time() - psutil.Process().create_time(), "peak_rss_mib": _peak_rss_mib(),
            "batch_tokens": int(batch["input_ids"].numel())}
+    # packed-row utilisation (after the peak RSS is taken): the old path's whole-epoch packing, the new path's
+    # bounded windows (the first four)
+    stream = getattr(trainer.train_dataset, "lazy_stream", None)
+    rows = trainer.train_dataset.rows if stream is None else [r for j in range(4) for r in stream.window_rows(j)]
+    capacity = int(argv[argv.index("--model_max_length") + 1])
+    out["utilisation"] = sum(len(r["input_ids"]) for r in rows) / (len(rows) * capacity)
     if throughput is not None:
         out["throughput"] = _throughput(trainer, **throughput)
     return out
@@ -171,7 +179,8 @@ def _in_child(fn, *args) -> dict:
 # ------------------------------------------------------------------------------------------- report
 def _tables(results: list[dict], throughput: dict | None) -> str:
     lines = [f"load average {os.getloadavg()[0]:.2f} (a shared machine stretches the times, not the memory)", "",
-             "| records | pipeline | time to first batch (s) | peak RSS per rank (MiB) | note |", "|---|---|---|---|---|"]
+             "| records | pipeline | time to first batch (s) | peak RSS per rank (MiB) | row utilisation | note |",
+             "|---|---|---|---|---|---|"]
     for r in results:
         for case in ("prepare", "old", "new"):
             c = r.get(case)
@@ -179,10 +188,11 @@ def _tables(results: list[dict], throughput: dict | None) -> str:
                 continue
             name = {"prepare": "prepare once (new)", "old": "old: map-style", "new": "new: data_cache_dir"}[case]
             if "skipped" in c:
-                lines.append(f"| {r['records']:,} | {name} | - | - | {c['skipped']} |")
+                lines.append(f"| {r['records']:,} | {name} | - | - | - | {c['skipped']} |")
                 continue
             note = f"{c['records']:,} records, {c['num_proc']} process(es)" if case == "prepare" else ""
-            lines.append(f"| {r['records']:,} | {name} | {c['seconds']:.1f} | {c['peak_rss_mib']:.0f} | {note} |")
+            util = f"{c['utilisation']:.4f}" if "utilisation" in c else ""
+            lines.append(f"| {r['records']:,} | {name} | {c['seconds']:.1f} | {c['peak_rss_mib']:.0f} | {util} | {note} |")
     news = [r["new"] for r in results if "skipped" not in r.get("new", {"skipped": 1})]
     if len(news) > 1:
         lines.append(f"\nnew path, largest / smallest corpus: time x{news[-1]['seconds'] / news[0]['seconds']:.2f}, "
