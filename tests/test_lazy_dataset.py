@@ -171,3 +171,15 @@ def test_a_resume_on_another_layout_is_refused_with_what_to_do():
     problem = layout_problem(saved, {**saved, "world_size": 1})
     assert "world_size: 2 in the checkpoint, 1 now" in problem and "NUM_PROCESSES=2" in problem
     assert "records: [80] in the checkpoint, [81] now" in layout_problem(saved, {**saved, "records": [81]})
+
+
+def test_arguments_refuse_streaming_with_the_cache_and_a_run_without_max_steps(corpus):
+    from uni_arch.train.args import DataArguments, UniTrainingArguments
+    from uni_arch.train.builders import build_train_dataset
+
+    with pytest.raises(ValueError, match="data_cache_dir=.* and streaming_data=1"):
+        DataArguments(data_path=str(corpus), data_cache_dir=str(corpus / "cache"), streaming_data=1)
+    data_args = DataArguments(data_path=str(corpus), data_cache_dir=str(corpus / "cache"))
+    training_args = UniTrainingArguments(output_dir=str(corpus / "out"), use_cpu=True, report_to="none")
+    with pytest.raises(ValueError, match="needs max_steps > 0"):
+        build_train_dataset(data_args, training_args, DrawBuilder(), VOCAB)
