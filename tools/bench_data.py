@@ -30,6 +30,7 @@ import math
 import multiprocessing
 import os
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -210,7 +211,8 @@ def _tables(results: list[dict], throughput: dict | None) -> str:
 
 def main(records: int = 2000, sizes: str | None = None, cases: str = "old,new", old_max_records: int = 400_000,
          records_per_file: int = 50_000, prepare_num_proc: int = 2, seq_len: int = 2048, throughput: bool = True,
-         workers: int = 2, windows: int = 4, steps: int = 3, threads: int = 2, json_out: str | None = None) -> None:
+         workers: int = 2, windows: int = 4, steps: int = 3, threads: int = 2, json_out: str | None = None,
+         previous: str | None = None) -> None:
     """Measure (see the module docstring) and print the tables.
 
     Args:
@@ -227,6 +229,9 @@ def main(records: int = 2000, sizes: str | None = None, cases: str = "old,new", 
         steps: timed training steps of the tiny model.
         threads: torch threads of the tiny model's steps.
         json_out: also write the results as json here.
+        previous: the ``json_out`` of an earlier run (e.g. ``--sizes 200000``) whose rows come first in the table and
+            whose old-path measurement the estimate above ``old_max_records`` starts from (two runs of a few
+            minutes each instead of one long one).
     """
     from uni_arch.log_setup import setup_logging
     from uni_arch.train.synthetic import write_tokenizer
@@ -236,12 +241,14 @@ def main(records: int = 2000, sizes: str | None = None, cases: str = "old,new", 
     names = {c.strip() for c in str(cases).split(",") if c.strip()}
     if names - {"old", "new"}:
         raise ValueError(f"cases: unknown {sorted(names - {'old', 'new'})}; known: old, new")
-    results, throughput_result = [], None
+    results, throughput_result, old_per_record = [], None, None
+    if previous:
+        results = json.loads(Path(previous).read_text(encoding="utf-8"))["results"]
+        old_per_record = next((_old_reference(r) for r in reversed(results) if _old_reference(r)), None)
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         tmp = Path(tmp)
         tokenizer = tmp / "tokenizer"
         write_tokenizer(tokenizer)
-        old_per_record = None
         for n in counts:
             root = tmp / f"n{n}"
             started = time.perf_counter()
@@ -260,22 +267,26 @@ def main(records: int = 2000, sizes: str | None = None, cases: str = "old,new", 
             if "old" in names:
                 if n <= old_max_records:
                     row["old"] = _in_child(_first_batch_child, _train_argv(data, tokenizer, root / "o", seq_len, None))
-                    if "peak_rss_mib" in row["old"]:
-                        base = row.get("new", {}).get("peak_rss_mib", 0.0)  # what does not grow with the corpus
-                        old_per_record = (row["old"]["peak_rss_mib"], row["old"]["seconds"], n, base)
+                    old_per_record = _old_reference(row) or old_per_record
                     logger.warning(f"{n:,}: old {row['old']}")
                 else:
                     row["old"] = {"skipped": _old_estimate(old_per_record, n, old_max_records)}
             results.append(row)
             if n != counts[-1]:
-                import shutil
-
                 shutil.rmtree(root, ignore_errors=True)  # disk: the next corpus is 10x larger
     print(_tables(results, throughput_result))  # the table is this tool's output
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps({"results": results, "throughput": throughput_result,
                                               "loadavg": os.getloadavg()}, indent=2))
+
+
+def _old_reference(row: dict) -> tuple[float, float, int, float] | None:
+    """(peak RSS, seconds, records, the new path's RSS: what does not grow with the corpus) of a measured old row."""
+    old = row.get("old", {})
+    if "peak_rss_mib" not in old:
+        return None
+    return old["peak_rss_mib"], old["seconds"], row["records"], row.get("new", {}).get("peak_rss_mib", 0.0)
 
 
 def _old_estimate(measured: tuple[float, float, int, float] | None, n: int, cap: int) -> str:
