@@ -183,3 +183,12 @@ def test_arguments_refuse_streaming_with_the_cache_and_a_run_without_max_steps(c
     training_args = UniTrainingArguments(output_dir=str(corpus / "out"), use_cpu=True, report_to="none")
     with pytest.raises(ValueError, match="needs max_steps > 0"):
         build_train_dataset(data_args, training_args, DrawBuilder(), VOCAB)
+
+
+def test_parallel_prepare_writes_the_same_shards(corpus):
+    sources = parse_data_path(str(corpus))
+    assert prepare_cache(sources, VOCAB, corpus / "serial")["records"] == 80
+    assert prepare_cache(sources, VOCAB, corpus / "parallel", num_proc=2)["records"] == 80
+    serial, parallel = (open_cache(sources, VOCAB, corpus / d) for d in ("serial", "parallel"))
+    assert [c.table["record"] for c in serial] == [c.table["record"] for c in parallel]
+    assert [c.located(57).line for c in serial] == [c.located(57).line for c in parallel] == [1]  # c.jsonl, line 1
