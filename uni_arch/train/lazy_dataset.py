@@ -59,8 +59,9 @@ rows are shuffled with a seeded rng (best-fit decreasing sorts them by length). 
 stops at ``max_steps``), so every rank takes the same number of steps and none runs dry. Windows are rendered by
 ``dataloader_num_workers`` worker processes of a torch ``DataLoader`` over "this rank's m-th window", in order, so
 the rows do not depend on the number of workers; the Trainer's own loader then runs in the main process (the
-builder moves ``dataloader_num_workers`` here and sets the Trainer's to 0: its workers would each replay the whole
-stream).
+builder moves ``dataloader_num_workers`` here and sets the Trainer's to 0: ``datasets`` hands its workers whole
+units, one per rank here, so extra Trainer workers would sit idle, and splitting a rank's stream among them would
+tie the row order to their number).
 
 **6. Resume.** The rows of a rank are a pure function of (data, arguments, rank, world size), so the Trainer's
 resume -- it skips the batches already trained by reading them again -- continues exactly (same samples per step,
