@@ -20,10 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 N = 2  # steps before the checkpoint; the full run trains 2N
 
 
-def _argv(world: dict, out: str) -> list[str]:
+def _argv(world: dict, out: str, launched: bool = True) -> list[str]:
+    """The run's arguments; ``launched``: a torchrun rank (gloo), else one process without a process group."""
     argv = ["--output_dir", out, "--use_cpu", "true", "--max_steps", str(2 * N), "--save_steps", str(N),
             "--logging_steps", "1", "--learning_rate", "3e-3", "--model_max_length", "192", "--report_to", "none",
-            "--write_loss_curves", "false", "--seed", "0", "--ddp_backend", "gloo", "--packing_buffer", "16"]
+            "--write_loss_curves", "false", "--seed", "0", "--packing_buffer", "16"]
+    argv += ["--ddp_backend", "gloo"] if launched else []
     return argv + [a for k, v in world.items() for a in (f"--{k}", v)]
 
 
@@ -85,7 +87,7 @@ def test_two_ranks_resume_exactly_and_one_rank_is_refused(tmp_path):
     from uni_arch.train.args import parse_args
     from uni_arch.train.hf_trainer import make_trainer
 
-    one = make_trainer(*parse_args(_argv(world, str(tmp_path / "one"))))  # 1 rank, in this process
+    one = make_trainer(*parse_args(_argv(world, str(tmp_path / "one"), launched=False)))  # 1 rank, in this process
     with pytest.raises(ValueError, match=r"world_size: 2 in the checkpoint, 1 now.*NUM_PROCESSES=2"):
         one.train(resume_from_checkpoint=str(tmp_path / "full" / f"checkpoint-{N}"))
     assert one.state.global_step == N  # refused before any step
