@@ -237,8 +237,10 @@ def main(records: int = 2000, sizes: str | None = None, cases: str = "old,new", 
     from uni_arch.train.synthetic import write_tokenizer
 
     setup_logging(0, "WARNING")
-    counts = [int(x) for x in str(sizes).split(",")] if sizes else [int(records)]
-    names = {c.strip() for c in str(cases).split(",") if c.strip()}
+    # fire hands "a,b" over as a tuple, a single value as a number or a string
+    counts = [int(x) for x in (sizes if isinstance(sizes, (list, tuple)) else str(sizes).split(","))] if sizes \
+        else [int(records)]
+    names = {str(c).strip() for c in (cases if isinstance(cases, (list, tuple)) else str(cases).split(",")) if str(c).strip()}
     if names - {"old", "new"}:
         raise ValueError(f"cases: unknown {sorted(names - {'old', 'new'})}; known: old, new")
     results, throughput_result, old_per_record = [], None, None
