@@ -1,7 +1,7 @@
 """Exact resume: train 2N steps (checkpoint at N) vs resume that checkpoint for N more steps.
 
 The resumed run must see exactly the same samples at each step (none trained twice, none skipped) and reach the
-same losses to 1e-6 on CPU, for map-style and streamed data.
+same losses to 1e-6 on CPU, for map-style, streamed and lazily read (``data_cache_dir``) data.
 """
 
 import pytest
@@ -40,12 +40,21 @@ def _run(world, out, *extra, resume=None):
     return trainer.seen, losses
 
 
-@pytest.mark.parametrize("streaming", ["0", "1"])
+@pytest.mark.parametrize("streaming", ["0", "1", "cache"])
 def test_resume_continues_the_data_stream_and_the_losses(world, tmp_path, streaming):
-    extra = ("--streaming_data", streaming, "--packing_buffer", "16")
+    """``cache``: the lazy path (``data_cache_dir``); the resumed run renders with 2 dataloader workers, the first
+    with none: the rows must not depend on it."""
+    if streaming == "cache":
+        extra = ("--data_cache_dir", str(tmp_path / "cache"), "--packing_buffer", "16")
+        resumed_extra = extra + ("--dataloader_num_workers", "2")
+    else:
+        extra = resumed_extra = ("--streaming_data", streaming, "--packing_buffer", "16")
     full_seen, full_losses = _run(world, tmp_path / "full", *extra)
-    resumed_seen, resumed_losses = _run(world, tmp_path / "resumed", *extra, resume=str(tmp_path / "full" / f"checkpoint-{N}"))
+    resumed_seen, resumed_losses = _run(world, tmp_path / "resumed", *resumed_extra,
+                                        resume=str(tmp_path / "full" / f"checkpoint-{N}"))
 
+    if streaming == "cache":
+        assert any((tmp_path / "cache" / "shards").glob("*.arrow")), "the lazy path was not taken"
     assert [s for s, _ in full_seen] == [s for s in range(1, 2 * N + 1) for _ in range(1)]
     ids = [i for _, batch in full_seen for i in batch]
     assert len(ids) == len(set(ids)), "a sample was trained twice within the epoch"

@@ -104,3 +104,13 @@ def test_each_concept_is_defined_in_one_place(pattern):
                    for p in (root / folder).rglob("*.py")
                    if re.search(pattern, p.read_text(encoding="utf-8"), flags=re.MULTILINE)})
     assert hits == [ONE_DEFINITION[pattern]], f"{pattern!r} appears in {hits}, expected only {ONE_DEFINITION[pattern]}"
+
+
+@pytest.mark.parametrize("codes, problem", [([1, True, 2, 3], "must be a list of integers"),
+                                            ([1, 2.0, 2, 3], "must be a list of integers"),
+                                            ([1, -4, 2, 3], "negative code -4")])
+def test_image_codes_are_checked_per_code(codes, problem):
+    d = {"id": "x", "type": "image_text", "text": "a cat",
+         "images": [{"codes": codes, "grid": [2, 2], "tokenizer": "vq@1"}]}
+    with pytest.raises(RecordError, match=rf"f\.jsonl:3: images\[0\]\.codes: {problem}"):
+        record_from_dict(d, "f.jsonl", 3)

@@ -4,6 +4,7 @@
     python tools/bench.py train   # Trainer throughput: packing mode 2 vs mode 0 on the same data
     python tools/bench.py generate   # KV cache vs recompute, batched vs one at a time, the server 16 vs 1 client
     python tools/bench.py loss   # one forward+backward of the loss at vocab 160,128: plain vs chunked vs checkpointed
+    python tools/bench.py data --sizes 200000,2000000   # first batch and RSS per rank: map-style vs data_cache_dir
     python tools/bench.py model --help   # each subcommand's own options
 
 Each subcommand is the ``main`` of its own module, imported only when asked for (``bench_train`` imports torch and
@@ -20,7 +21,7 @@ from typing import Callable
 import fire
 
 SUBCOMMANDS = {"model": "tools.bench_model", "train": "tools.bench_train", "generate": "tools.bench_generate",
-               "loss": "tools.bench_loss"}  # name -> module with a main()
+               "loss": "tools.bench_loss", "data": "tools.bench_data"}  # name -> module with a main()
 
 
 def subcommand(name: str) -> Callable:

@@ -179,7 +179,14 @@ class DataArguments:
     overlong: str = field(
         default="split", metadata={"help": "Samples longer than a row: split at text or drop.", "choices": ["split", "drop"]}
     )
-    packing_buffer: int = field(default=512, metadata={"help": "Streaming: samples packed together per buffer."})
+    packing_buffer: int = field(default=512, metadata={
+        "help": "Streaming and data_cache_dir: samples packed together per buffer (the lazy path's window)."})
+    data_cache_dir: str | None = field(default=None, metadata={
+        "help": "Large corpora: read the records lazily from arrow shards in this directory, validated once (python "
+                "-m uni_arch.train.prepare_data, or rank 0 of the first run), and render and pack them on the fly "
+                "(uni_arch/train/lazy_dataset.py; needs max_steps). Empty: the map-style or streaming path."})
+    prepare_num_proc: int = field(default=1, metadata={
+        "help": "data_cache_dir: record files validated in parallel when shards are prepared."})
     skip_bad_records: bool = field(default=False, metadata={"help": "Count and skip malformed records instead of stopping."})
     size_tags: bool = field(default=False, metadata={"help": "Put <height_h><width_w> before the codes."})
     system_prompt: str | None = field(default=None, metadata={"help": "System prompt of conversation samples."})
@@ -203,6 +210,13 @@ class DataArguments:
             raise ValueError(f"use_data_packing={self.use_data_packing!r} must be 0, 1 or 2")
         if self.model_max_length <= 0:
             raise ValueError(f"model_max_length={self.model_max_length} must be positive")
+        if self.data_cache_dir is not None and not str(self.data_cache_dir).strip():
+            self.data_cache_dir = None
+        if self.data_cache_dir and self.streaming_data:
+            raise ValueError(f"data_cache_dir={self.data_cache_dir!r} and streaming_data=1: the lazy path replaces "
+                             "streaming; give one")
+        if self.prepare_num_proc <= 0:
+            raise ValueError(f"prepare_num_proc={self.prepare_num_proc} must be positive")
         if self.packing_buffer <= 0:
             raise ValueError(f"packing_buffer={self.packing_buffer} must be positive")
         if not self.data_path.strip():

@@ -110,6 +110,8 @@ def build_train_dataset(data_args: DataArguments, training_args: UniTrainingArgu
     common = dict(seq_len=data_args.model_max_length, mode=data_args.use_data_packing, overlong=data_args.overlong,
                   percentage=data_args.data_percentage, seed=data_args.shuffle_seed,
                   skip_bad_records=data_args.skip_bad_records)
+    if data_args.data_cache_dir:
+        return build_lazy_train_dataset(sources, data_args, training_args, sample_builder, code_vocab)
     if data_args.streaming_data:
         if training_args.max_steps <= 0:
             raise ValueError("streaming_data=1 needs max_steps > 0 (a stream has no length to derive epochs from)")
@@ -129,6 +131,46 @@ def build_train_dataset(data_args: DataArguments, training_args: UniTrainingArgu
         logger.info(f"num_train_epochs={training_args.num_train_epochs}: one pass over {fraction:.4g} of the "
                     f"{dataset.epochs}-epoch plan (each data epoch has its own draws)")
         training_args.num_train_epochs = fraction
+    return dataset
+
+
+def build_lazy_train_dataset(sources, data_args: DataArguments, training_args: UniTrainingArguments, sample_builder,
+                             code_vocab: CodeVocab):
+    """The lazy path (``data_cache_dir``, ``uni_arch/train/lazy_dataset.py``): shards prepared once (rank 0 first,
+    the others wait and find them), then an endless per-rank stream of rows packed on the fly.
+
+    ``dataloader_num_workers`` moves into the stream (its workers render windows, in order) and the Trainer's own
+    loader runs in the main process: Trainer workers would each replay the whole stream of the rank.
+    """
+    from uni_arch.train import lazy_dataset as lazy
+
+    if training_args.max_steps <= 0:
+        raise ValueError(f"data_cache_dir={data_args.data_cache_dir!r} needs max_steps > 0: the lazy stream is endless "
+                         "(data epochs follow each other with fresh draws)")
+    with training_args.main_process_first(local=False, desc="prepare the data cache"):
+        counts = lazy.prepare_cache(sources, code_vocab, data_args.data_cache_dir,
+                                    num_proc=data_args.prepare_num_proc, skip_bad_records=data_args.skip_bad_records)
+    if counts["prepared"]:
+        logger.warning(f"data_cache_dir: {counts['prepared']} of {counts['files']} record file(s) had no shard and were "
+                       "prepared by this run; for a large corpus run `python -m uni_arch.train.prepare_data` "
+                       "beforehand (the other ranks wait meanwhile)")
+    stream = lazy.make_stream(sources, sample_builder, code_vocab, data_args.data_cache_dir,
+                              seq_len=data_args.model_max_length, mode=data_args.use_data_packing,
+                              overlong=data_args.overlong, percentage=data_args.data_percentage,
+                              seed=data_args.shuffle_seed, skip_bad_records=data_args.skip_bad_records,
+                              window=data_args.packing_buffer)
+    workers = training_args.dataloader_num_workers
+    prefetch = training_args.dataloader_prefetch_factor or 2
+    if workers:
+        logger.info(f"data_cache_dir: dataloader_num_workers={workers} render the windows of the stream; the "
+                    "Trainer's loader runs in the main process")
+        training_args.dataloader_num_workers = 0
+        training_args.dataloader_prefetch_factor = None
+        training_args.dataloader_persistent_workers = False
+    dataset = lazy.build_lazy_dataset(stream, training_args.world_size, workers, prefetch)
+    dataset.lazy_stream = stream  # for inspection and tools/bench_data.py
+    dataset.lazy_layout = lazy.data_layout(training_args.world_size, stream, training_args.per_device_train_batch_size,
+                                           training_args.gradient_accumulation_steps, data_args.data_path)
     return dataset
 
 

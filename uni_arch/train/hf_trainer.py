@@ -75,6 +75,10 @@ def make_trainer(
     builders.log_batch_size_readings(data_args, training_args, train_dataset)
     builders.apply_unfreeze(model, model_args.unfreeze_keys, code_vocab, training_args.weight_decay)
     callbacks = [LossCurveCallback(training_args.output_dir)] if training_args.write_loss_curves else []
+    if getattr(train_dataset, "lazy_layout", None) is not None:  # data_cache_dir: refuse a resume that cannot continue
+        from uni_arch.train.lazy_dataset import DataLayoutCallback
+
+        callbacks.append(DataLayoutCallback(train_dataset.lazy_layout))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return trainer_cls(
         model=model,
