@@ -1,6 +1,6 @@
 """The architecture ablation on the shapes world: dense vs Uni-X vs MoT, one command.
 
-    python tools/ablate.py                                   # the default: ~52 min on 2 idle CPU cores after set-up
+    python tools/ablate.py                                   # the default: ~34 min on 2 CPU cores, set-up included
     python tools/ablate.py --seeds 3                         # three training seeds per variant, spread shown
     python tools/ablate.py --preset ci --out_dir /tmp/abl    # the tiny end-to-end run the test does (~1 min)
     python tools/ablate.py --plan_only                       # print the plan and the time estimate, run nothing
