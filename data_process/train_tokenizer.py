@@ -37,7 +37,7 @@ processes and machines through ``accelerate launch`` (DDP; bf16 autocast on GPU)
 
 Figures (shapes world, 2-core box shared with other jobs, so times are pessimistic; none is a full default run):
 
-* RQ-VAE, default architecture and schedule (4 x 8x8 codes of 512, 2,400 steps) but ``--num_train 4000
+* RQ-VAE, default architecture (4 x 8x8 codes of 512), 2,400 steps (the shared default then; now train_vq's 2,000) but ``--num_train 4000
   --num_eval 200 --precision bf16 --num_threads 1``, interrupted at step 900 and resumed: 39.81 dB (p5 32.1),
   detector exact match 94.5% on 200 held-out scenes (misses: 10 wrong shape, 1 object lost; small circles drawn
   slightly angular), background consistency 100%, usage per depth 59/40/36/28%, perplexity 53/36/24/19; 978 s of
@@ -96,7 +96,7 @@ class TrainTokenizerConfig:
     num_eval: int = 1000
     seed: int = 0
     batch_size: int = 32  # global: split over the processes
-    max_steps: int = 2400
+    max_steps: int = TrainVQConfig.max_steps  # shared with train_vq (the shapes VQ's schedule)
     lr: float = 2e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 100
