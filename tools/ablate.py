@@ -66,9 +66,9 @@ METRICS = ("text_loss", "image_loss", "geneval", "geneval_seen", "geneval_unseen
 LOWER_IS_BETTER = ("text_loss", "image_loss")
 TRAIN_SH = ROOT / "train.sh"
 # Measured figures behind the first estimate (before this out_dir has timings.json of its own):
-# training 0.70 s/step (README: train.sh's 800 steps in 561 s on 2 cores); the rest are rough guesses per run
+# training 0.38 s/step (README: train.sh's 1,600 steps of 1 x 2,048 tokens in 608 s on 2 cores); the rest are rough guesses per run
 # (train.sh's start and reports, held-out loss, the orchestrator's GenEval + VQA, the gradient analysis).
-DEFAULT_SECONDS = {"train_step": 0.70, "train_start": 30.0, "heldout_loss": 30.0, "eval": 120.0, "grad": 60.0}
+DEFAULT_SECONDS = {"train_step": 0.38, "train_start": 30.0, "heldout_loss": 30.0, "eval": 120.0, "grad": 60.0}
 
 
 @dataclass
