@@ -74,7 +74,7 @@ from data_process.schema import atomic_path, atomic_write_text  # noqa: E402
 from data_process.train_vq import (  # noqa: E402
     EVAL_INDEX_OFFSET, GATE_MIN_BACKGROUND_PCT, GATE_MIN_PSNR_DB, GATE_MIN_SCENES, SpeedSetting, TrainVQConfig,
     _failure_cause, _world_class, background_consistency, batch_indices, cached_images, choose_speed_setting,
-    empty_positions, gate_verdict, lr_at, speed_candidates, time_speed_settings,
+    empty_positions, gate_verdict, lr_at, speed_candidates, time_speed_settings, to_channels_last,
 )
 from modeling.vq import ImageTokenizer  # noqa: E402
 from modeling.vq.metrics import CodeStats  # noqa: E402
@@ -442,6 +442,9 @@ def train_loop(cfg: TrainTokenizerConfig, tok: ImageTokenizer, batches: ImageBat
             batches.bad.update({k: v for k, v in state["bad"].items() if not k.startswith("record:")})
         step, elapsed_before = int(state["step"]), float(state["elapsed_s"])
         logger.info(f"resuming from {state_path} at step {step} ({elapsed_before:.0f}s already trained)")
+    # channels-last convolutions, as train_vq trains (and as pick_setting times the candidates): 17% faster per
+    # step on 2 cores there; put back in the standard layout after the loop (safetensors stores contiguous tensors)
+    to_channels_last(tok)
     objective_ddp, opt = accelerator.prepare(objective, opt)
     if disc is not None:
         disc, disc_opt = accelerator.prepare(disc, disc_opt)
@@ -470,7 +473,7 @@ def train_loop(cfg: TrainTokenizerConfig, tok: ImageTokenizer, batches: ImageBat
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, step)
             idx = batch_indices(cfg, step)[rank * local:(rank + 1) * local]
-            pixels = batches.pixels(idx).to(accelerator.device)
+            pixels = batches.pixels(idx).to(accelerator.device).contiguous(memory_format=torch.channels_last)
             gan_on = disc is not None and step >= cfg.disc_start
             with autocast():
                 res = objective_ddp(pixels)
@@ -515,7 +518,7 @@ def train_loop(cfg: TrainTokenizerConfig, tok: ImageTokenizer, batches: ImageBat
                                 opt, disc_opt, step, bad, restarter,
                                 elapsed_before + time.perf_counter() - t0, cfg.to_dict())
                 accelerator.wait_for_everyone()
-    tok.eval()
+    tok.to(memory_format=torch.contiguous_format).eval()
     run_s = time.perf_counter() - t0
     return {"steps": step, "finished": step >= cfg.max_steps, "train_s": round(elapsed_before + run_s, 1),
             "s_per_step": round(run_s / max(1, step - start_step), 4),
