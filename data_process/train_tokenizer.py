@@ -35,7 +35,13 @@ processes and machines through ``accelerate launch`` (DDP; bf16 autocast on GPU)
   exact match on reconstructions of held-out scenes, PSNR, background consistency, the last on each position's tuple
   of codes), with the issue's bar of 97% for these tokenizers; the verdict is written to metrics.json.
 
-Figures (shapes world, 2-core box shared with other jobs, so times are pessimistic; none is a full default run):
+Figures (shapes world, 2 cores):
+
+* RQ-VAE, the full default run (``--kind rqvae --out_dir DIR``, 2026-12-01, channels-last convolutions): 7.2 min
+  wall, bf16 x2 chosen by timing (0.152 s/step timed; fp32 x2 0.255), 2,000 steps at 0.197 s/step; held-out
+  38.99 dB, detector exact match 96.3% on 1,000 scenes (misses: 31 wrong shape, 5 object lost, 1 spurious),
+  background consistency 100%, usage per depth 81/59/42/31%, perplexity 48/27/28/17. Just below the 97% bar.
+Earlier runs (a 2-core box shared with other jobs, so times are pessimistic):
 
 * RQ-VAE, default architecture (4 x 8x8 codes of 512), 2,400 steps (the shared default then; now train_vq's 2,000) but ``--num_train 4000
   --num_eval 200 --precision bf16 --num_threads 1``, interrupted at step 900 and resumed: 39.81 dB (p5 32.1),
