@@ -43,7 +43,7 @@ ENV_VARS=" $(compgen -e | tr '\n' ' ') "   # what the caller set (it beats the p
 : "${MODEL_PATH=}"                              # checkpoint to start from ('' = fresh init from MODEL_CONFIG)
 : "${MODEL_CONFIG=configs/model/tiny_uni_x.json}"
 : "${TOKENIZER_PATH=${SHAPES_DIR}/tokenizer}"   # a directory, or qwen2.5
-: "${IMAGE_TOKENIZER=shapes}"                   # shapes | chameleon | hqvae
+: "${IMAGE_TOKENIZER=shapes}"                   # shapes | chameleon | hqvae | rqvae (modeling/vq IMAGE_TOKENIZERS)
 : "${IMAGE_TOKENIZER_PATH=${SHAPES_DIR}/vq}"
 : "${DATA_PATH=${SHAPES_CODES_DIR}/shapes_captions:0.8,${SHAPES_CODES_DIR}/shapes_vqa:0.1,${SHAPES_CODES_DIR}/shapes_text:0.1}"
 : "${STREAMING_DATA=0}"

@@ -44,6 +44,7 @@ Figures (shapes world, 2 cores):
   With ``--max_steps 2400`` (now RQ-VAE's default, ``DEFAULT_MAX_STEPS``): 7.9 min wall (0.186 s/step), 40.64 dB,
   **98.9%** (misses: 8 wrong shape, 3 object lost), usage 70/66/42/33%: the gate passes. Without native bf16 the
   timed fp32 x2 rate (0.255 s/step) puts the same schedule at ~10-12 min.
+
 Earlier runs (a 2-core box shared with other jobs, so times are pessimistic):
 
 * RQ-VAE, default architecture (4 x 8x8 codes of 512), 2,400 steps (the shared default then; now train_vq's 2,000) but ``--num_train 4000
@@ -109,7 +110,7 @@ class TrainTokenizerConfig:
     num_eval: int = 1000
     seed: int = 0
     batch_size: int = 32  # global: split over the processes
-    max_steps: int = TrainVQConfig.max_steps  # shared with train_vq (the shapes VQ's schedule)
+    max_steps: int = TrainVQConfig.max_steps  # train_vq's schedule; the CLI picks per kind (DEFAULT_MAX_STEPS)
     lr: float = 2e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 100
