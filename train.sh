@@ -20,7 +20,9 @@ ENV_VARS=" $(compgen -e | tr '\n' ' ') "   # what the caller set (it beats the p
 # 1. Parameters (each one overridable from the environment)
 # =====================================================================================================
 # -- Task & logging --
-: "${RUN_NAME=shapes-tiny-uni-x}"
+: "${IMAGE_TOKENIZER=shapes}"                   # shapes | chameleon | hqvae | rqvae (modeling/vq IMAGE_TOKENIZERS); on the shapes world the set-up trains shapes, hqvae and rqvae
+TOKENIZER_SUFFIX="$([[ "$IMAGE_TOKENIZER" == shapes ]] || echo "-$IMAGE_TOKENIZER")"  # keeps each tokenizer's set-up and run apart
+: "${RUN_NAME=shapes-tiny-uni-x${TOKENIZER_SUFFIX}}"
 : "${OUTPUT_DIR=outputs/${RUN_NAME}}"
 : "${REPORT_TO=none}"                          # none | wandb | tensorboard
 
@@ -39,12 +41,11 @@ ENV_VARS=" $(compgen -e | tr '\n' ' ') "   # what the caller set (it beats the p
 
 # -- Model & data paths --
 : "${SHAPES_DIR=data/shapes}"                   # the shapes world, its text tokenizer and its VQ (set-up output)
-: "${SHAPES_CODES_DIR=data/shapes_codes}"       # the shapes world's code-ID records (set-up output)
+: "${SHAPES_CODES_DIR=data/shapes_codes${TOKENIZER_SUFFIX}}"  # the shapes world's code-ID records (set-up output)
 : "${MODEL_PATH=}"                              # checkpoint to start from ('' = fresh init from MODEL_CONFIG)
 : "${MODEL_CONFIG=configs/model/tiny_uni_x.json}"
 : "${TOKENIZER_PATH=${SHAPES_DIR}/tokenizer}"   # a directory, or qwen2.5
-: "${IMAGE_TOKENIZER=shapes}"                   # shapes | chameleon | hqvae | rqvae (modeling/vq IMAGE_TOKENIZERS)
-: "${IMAGE_TOKENIZER_PATH=${SHAPES_DIR}/vq}"
+: "${IMAGE_TOKENIZER_PATH=${SHAPES_DIR}/$([[ "$IMAGE_TOKENIZER" == shapes ]] && echo vq || echo "$IMAGE_TOKENIZER")}"
 : "${DATA_PATH=${SHAPES_CODES_DIR}/shapes_captions:0.8,${SHAPES_CODES_DIR}/shapes_vqa:0.1,${SHAPES_CODES_DIR}/shapes_text:0.1}"
 : "${STREAMING_DATA=0}"
 : "${DATA_PERCENTAGE=1.0}"
@@ -95,7 +96,7 @@ ENV_VARS=" $(compgen -e | tr '\n' ' ') "   # what the caller set (it beats the p
 : "${SHAPES_NUM_IMAGES=16000}"                  # 4,000 images (4 passes per run) drew the asked shape in 41% of images, 16,000 (one pass) in 56%
 : "${SHAPES_HELDOUT_PAIRS=4}"                   # (colour, shape) pairs never shown in training: the unseen-pair GenEval split
 : "${VQ_TIME_LIMIT_S=3600}"                     # a guard only: the VQ schedule is in steps (~4 min with bf16, ~7 in fp32, on 2 cores)
-: "${VQ_EXTRA_ARGS=}"                           # more flags for data_process/train_vq.py train, e.g. "--max_steps 4000" (the default is 2000)
+: "${VQ_EXTRA_ARGS=}"                           # more flags for data_process/train_vq.py train (shapes) or train_tokenizer.py (hqvae, rqvae), e.g. "--max_steps 4000"
 # The tokenizer's quality gate: nothing is encoded or trained on a VQ below it (see data_process/train_vq.py).
 : "${VQ_GATE_DETECTOR_PCT=90}"                  # shapes detector's exact-match rate on VQ reconstructions, %
 : "${VQ_GATE_PSNR_DB=30}"                       # held-out reconstruction PSNR, dB
@@ -179,7 +180,7 @@ if [[ "$SETUP_SHAPES" == auto ]]; then
   [[ "$DATA_EFFECTIVE" == *"$SHAPES_CODES_DIR"* ]] && SETUP_SHAPES=1 || SETUP_SHAPES=0
 fi
 if [[ "$SETUP_SHAPES" == 1 ]]; then
-  VQ_DIR="$SHAPES_DIR/vq"
+  VQ_DIR="$IMAGE_TOKENIZER_PATH"
   if [[ -f "$SHAPES_DIR/world.json" ]]; then  # a world from an earlier run (or an older default) is reused as is
     "$PY" -c 'import json, sys; w = json.load(open(sys.argv[1] + "/world.json"))
 have = (w.get("num_images"), len(w.get("heldout_pairs") or []))
@@ -200,11 +201,20 @@ sys.exit(0 if have == want else f"train.sh: {sys.argv[1]} was built with {have[0
     "$PY" data_process/text_tokenizer.py train --out_dir "$SHAPES_DIR/tokenizer"
   fi
   if [[ ! -f "$VQ_DIR/metrics.json" ]]; then
-    echo "--- training the shapes VQ tokenizer ($VQ_DIR, ~4 min on 2 idle cores with native bf16, ~8 without) ---"
     read -r -a VQ_EXTRA <<< "$VQ_EXTRA_ARGS"
-    "$PY" data_process/train_vq.py train --out_dir "$VQ_DIR" --time_limit_s "$VQ_TIME_LIMIT_S" \
-      --min_detector_pct "$VQ_GATE_DETECTOR_PCT" --min_psnr_db "$VQ_GATE_PSNR_DB" \
-      --min_gate_scenes "$VQ_GATE_MIN_SCENES" --min_background_pct "$VQ_GATE_BACKGROUND_PCT" ${VQ_EXTRA[@]+"${VQ_EXTRA[@]}"}
+    case "$IMAGE_TOKENIZER" in
+      shapes)
+        echo "--- training the shapes VQ tokenizer ($VQ_DIR, ~4 min on 2 idle cores with native bf16, ~8 without) ---"
+        "$PY" data_process/train_vq.py train --out_dir "$VQ_DIR" --time_limit_s "$VQ_TIME_LIMIT_S" \
+          --min_detector_pct "$VQ_GATE_DETECTOR_PCT" --min_psnr_db "$VQ_GATE_PSNR_DB" \
+          --min_gate_scenes "$VQ_GATE_MIN_SCENES" --min_background_pct "$VQ_GATE_BACKGROUND_PCT" ${VQ_EXTRA[@]+"${VQ_EXTRA[@]}"} ;;
+      hqvae|rqvae)
+        echo "--- training the shapes world's $IMAGE_TOKENIZER tokenizer ($VQ_DIR, 5-12 min on 2 idle cores) ---"
+        "$PY" data_process/train_tokenizer.py --kind "$IMAGE_TOKENIZER" --out_dir "$VQ_DIR" \
+          --min_gate_scenes "$VQ_GATE_MIN_SCENES" ${VQ_EXTRA[@]+"${VQ_EXTRA[@]}"} ;;
+      *) echo "train.sh: the shapes set-up trains IMAGE_TOKENIZER=shapes, hqvae or rqvae; for $IMAGE_TOKENIZER encode your" \
+              "images with data_process/encode_images.py and set DATA_PATH to the records" >&2; exit 2 ;;
+    esac
   fi
   # The gate, also for a tokenizer left by an earlier run: stop here rather than encode or train on a bad one.
   echo "--- checking the VQ tokenizer's quality gate ($VQ_DIR) ---"
@@ -212,15 +222,15 @@ sys.exit(0 if have == want else f"train.sh: {sys.argv[1]} was built with {have[0
     --min_psnr_db "$VQ_GATE_PSNR_DB" --min_scenes "$VQ_GATE_MIN_SCENES" --min_background_pct "$VQ_GATE_BACKGROUND_PCT" \
     || { echo "train.sh: stopped at the VQ quality gate (message above); nothing was encoded or trained" >&2; exit 1; }
   if [[ -f "$SHAPES_CODES_DIR/manifest.json" ]]; then  # records of another VQ would train on meaningless codes
-    "$PY" -c 'import json, sys; from modeling.vq.shapes_vq import ShapesVQ
-have = json.load(open(sys.argv[1] + "/manifest.json"))["tokenizer"]["id"]; want = ShapesVQ.from_checkpoint(sys.argv[2]).tokenizer_id
+    "$PY" -c 'import json, sys; from modeling.vq import load_image_tokenizer
+have = json.load(open(sys.argv[1] + "/manifest.json"))["tokenizer"]["id"]; want = load_image_tokenizer(sys.argv[3], sys.argv[2]).tokenizer_id
 sys.exit(0 if have == want else f"train.sh: {sys.argv[1]} was encoded with {have}, but {sys.argv[2]} is {want}: delete {sys.argv[1]} and rerun")' \
-      "$SHAPES_CODES_DIR" "$VQ_DIR" || exit 1
+      "$SHAPES_CODES_DIR" "$VQ_DIR" "$IMAGE_TOKENIZER" || exit 1
   fi
   if [[ ! -f "$SHAPES_CODES_DIR/manifest.json" ]]; then
     echo "--- encoding the shapes world into code-ID records ($SHAPES_CODES_DIR) ---"
     "$PY" data_process/encode_images.py --data_config "$SHAPES_DIR/data_config.yaml" --out_dir "$SHAPES_CODES_DIR" \
-      --tokenizer shapes --checkpoint "$VQ_DIR" --num_workers 2
+      --tokenizer "$IMAGE_TOKENIZER" --checkpoint "$VQ_DIR" --num_workers 2
   fi
 fi
 

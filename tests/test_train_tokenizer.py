@@ -1,5 +1,5 @@
-"""data_process/train_tokenizer.py on tiny tokenizers: 2 gloo processes equal 1 process on the same global batch,
-an interrupted run resumes bit-exactly, a data config's images (and bad inputs) feed training, HQ-VAE with the
+"""data_process/train_tokenizer.py on tiny tokenizers: a 2-process `accelerate launch` (gloo) equals 1 process on
+the same global batch, an interrupted run resumes bit-exactly, a data config's images (and bad inputs) feed training, HQ-VAE with the
 perceptual and GAN terms trains and loads strictly, taming's adaptive weight, and --kind shapes delegates."""
 
 import json
@@ -35,7 +35,9 @@ def _fresh_accelerate_state():
 def _cli(out: Path, nproc: int) -> None:
     args = [f"--{k}={v}" for k, v in FLAGS.items()] + ["--kind=rqvae", f"--out_dir={out}",
                                                       f"--model_config={json.dumps(TINY_RQ)}"]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+    # accelerate launch as users type it; --multi_gpu on a machine without GPUs runs gloo CPU ranks
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                 str(29600 + os.getpid() % 300)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(launcher + [str(SCRIPT)] + args, cwd=ROOT, env=env, capture_output=True, text=True,

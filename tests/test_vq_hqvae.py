@@ -79,6 +79,42 @@ def test_default_config_grids():
         HQVAEConfig(level_sizes=(512,))
 
 
+CONV = HQVAEConfig(resolution=32, backbone="conv", channels=(8, 16, 16), dec_res_blocks=1, embed_dim=8,
+                   level_sizes=(16, 32))
+
+
+def test_conv_backbone_grids_round_trip_and_locality():
+    """The conv backbone keeps the wiring (top 4x4 + bottom 8x8 at 32 px), decodes every code it writes, and its
+    codes are local: pixels more than a cell's margin away never change a cell's top code or its bottom block
+    (what the shapes gate's background consistency needs; the taming kernels spread them over ~40 px)."""
+    torch.manual_seed(0)
+    model = HQVAE(CONV).eval()
+    assert (CONV.top_grid, CONV.bottom_downsample) == ((4, 4), 4)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    rows = lambda z_BDhw, k: z_BDhw.permute(0, 2, 3, 1).reshape(-1, z_BDhw.shape[1])[:k]  # noqa: E731
+    with torch.no_grad():  # codebooks drawn from the features themselves, so that random inputs give varied codes
+        h_b = model.enc_bottom(x)
+        z_t = model.quant_conv_t(model.enc_top(h_b))
+        model.quantize_t.embedding.weight.copy_(rows(z_t, 16))
+        z_b = model.quant_conv_b(torch.cat([h_b, model.dec_top(model.quantize_t(z_t)[0])], dim=1))
+        model.quantize_b.embedding.weight.copy_(rows(z_b, 32))
+    enc = model.encode(x)
+    assert enc.codes_BN[:, 0::5].unique().numel() > 3 and enc.codes_BN.unique().numel() > 10
+    assert enc.codes_BN.shape == (2, 4 * 4 * 5) and enc.grid == (4, 4)
+    assert model.decode(enc.codes_BN, enc.grid).shape == (2, 3, 32, 32)
+    moved = x.clone()
+    moved[:, :, 16:] = torch.rand(2, 3, 16, 32) * 2 - 1  # rows 16.. (top rows 2-3); top row 0 covers pixels 0-7
+    codes, codes_moved = enc.codes_BN.view(2, 4, 4, 5), model.encode(moved).codes_BN.view(2, 4, 4, 5)
+    assert torch.equal(codes[:, 0], codes_moved[:, 0])  # top row 0 and its bottom blocks: receptive field < 16 px
+    assert not torch.equal(codes[:, 3], codes_moved[:, 3])
+    with pytest.raises(ValueError, match="backbone"):
+        HQVAEConfig(backbone="vit")
+    with pytest.raises(ValueError, match="norm"):
+        HQVAEConfig(backbone="conv", norm="batch")
+    legacy = {k: v for k, v in TINY.to_dict().items() if k != "backbone"}  # a config.json from before the field
+    assert HQVAEConfig.from_dict(legacy).backbone == "taming"
+
+
 def test_encode_decode_shapes_and_ranges(tiny):
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     enc = tiny.encode(x)

@@ -35,6 +35,8 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from modeling.vq import IMAGE_TOKENIZERS
+
 SPEC_TO_VARIANT = {"x": "uni_x", "unix": "uni_x", "mot": "mot", "moe": "moe", "dense": "dense"}
 
 
@@ -100,7 +102,7 @@ class ModelArguments:
     )
     image_tokenizer: str = field(
         default="shapes", metadata={"help": "Image tokenizer kind (for the code vocabulary).",
-                                    "choices": ["shapes", "chameleon", "hqvae"]}
+                                    "choices": list(IMAGE_TOKENIZERS)}
     )
     image_tokenizer_path: str | None = field(
         default=None, metadata={"help": "Image tokenizer checkpoint; empty = image_level_sizes or the model's config."}
