@@ -21,7 +21,11 @@ pytorch-fid's ``pt_inception-*.pth`` is a state dict for torchvision's Inception
 beside this torch build (DESIGN.md section 9), so that file is refused with a message saying so. FID over fewer than
 ~10k images is biased upwards: compare rFIDs only at equal ``num_images``.
 
-The results JSON (settings included) is written atomically; the table goes to stdout.
+The results JSON (settings included) is written atomically; the table goes to stdout. ``--table FILE.md`` keeps
+one markdown table over runs: each run upserts its row keyed by (tokenizer, dataset) (``--dataset``, by default the
+name of the ``--images`` folder, or its parent's when the folder is called ``images``), so tokenizers evaluated on
+cc3m, ImageNet val and FFHQ folders end up compared in one table. ``--examples N`` (default 8) writes the first N
+references above their reconstructions to ``<out>.png``, to look at.
 """
 
 from __future__ import annotations
@@ -60,9 +64,13 @@ def _source(location: Location) -> ImageSource:
     return ImageSource(location.label, location.open)  # the shared loading path (EXIF, 16-bit, alpha)
 
 
+def folder_locations(folder: Path) -> list[Location]:
+    """Every image file under ``folder`` (recursively: ImageNet val's class folders, FFHQ's), sorted by path."""
+    return [Location(str(p)) for p in sorted(Path(folder).rglob("*")) if p.suffix.lower() in IMAGE_EXTS and p.is_file()]
+
+
 def _folder_sources(folder: Path) -> list[ImageSource]:
-    return [_source(Location(str(p))) for p in sorted(folder.rglob("*"))
-            if p.suffix.lower() in IMAGE_EXTS and p.is_file()]
+    return [_source(location) for location in folder_locations(folder)]
 
 
 def _tar_sources(tar_path: Path) -> list[ImageSource]:
@@ -223,6 +231,64 @@ def format_table(results: dict) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
+TABLE_HEADER = ("| tokenizer | dataset | images | PSNR (dB) | SSIM | usage per level (%) | perplexity per level "
+                "| rFID |\n|---|---|---|---|---|---|---|---|")
+
+
+def markdown_row(results: dict, dataset: str) -> str:
+    """One row of :data:`TABLE_HEADER` for ``results`` (of :func:`run`) on ``dataset``."""
+    usage = "/".join(f"{100 * u:.1f}" for u in results["codebook_usage"])
+    ppl = "/".join(f"{p:.1f}" for p in results["perplexity"])
+    rfid = _fmt(results["rfid"]) if results["rfid"] is not None else "-"
+    return (f"| {results['tokenizer']} | {dataset} | {results['num_images']} | {_fmt(results['psnr'])} | "
+            f"{_fmt(results['ssim'])} | {usage} | {ppl} | {rfid} |")
+
+
+def upsert_table(path: Path, row: str) -> str:
+    """Write ``path`` (header + rows) with ``row`` replacing the row of the same (tokenizer, dataset); atomic."""
+    key = lambda line: tuple(cell.strip() for cell in line.strip("|").split("|")[:2])  # noqa: E731
+    rows = []
+    if path.is_file():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        if lines[:2] != TABLE_HEADER.splitlines():
+            raise ValueError(f"{path}: not a table written by eval_recon (its first two lines differ from the "
+                             "header); give another --table")
+        rows = [line for line in lines[2:] if line.strip() and key(line) != key(row)]
+    text = "\n".join([TABLE_HEADER, *sorted(rows + [row], key=key)]) + "\n"
+    atomic_write_text(path, text)
+    return text
+
+
+def save_examples(tokenizer: ImageTokenizer, sources: Sequence[ImageSource], path: Path) -> None:
+    """References (top row) above their reconstructions (bottom row), at the tokenizer's own preprocessing."""
+    from data_process.schema import atomic_path
+
+    pixels = [tokenizer.preprocess([src.load()])[0] for src in sources]
+    pairs = []
+    for idx in group_by_grid(p.shape[-2:] for p in pixels).values():
+        x_BCHW = torch.stack([pixels[i] for i in idx])
+        enc = tokenizer.encode(x_BCHW)
+        recon = tokenizer.decode(enc.codes_BN, enc.grid).cpu()
+        pairs += zip(idx, to_uint8_values(x_BCHW), to_uint8_values(recon))
+    pairs.sort(key=lambda t: t[0])
+    h = max(real.shape[1] for _, real, _ in pairs)
+    widths = [real.shape[2] for _, real, _ in pairs]
+    canvas = Image.new("RGB", (sum(widths) + 2 * (len(pairs) - 1), 2 * h + 2), "white")
+    x = 0
+    for (_, real, recon), w in zip(pairs, widths):
+        for row, img in enumerate((real, recon)):
+            canvas.paste(Image.fromarray(img.permute(1, 2, 0).to(torch.uint8).numpy()), (x, row * (h + 2)))
+        x += w + 2
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+
+
+def dataset_name(images: str) -> str:
+    p = Path(images)
+    stem = p.stem if p.is_file() else p.name
+    return p.parent.name if stem == "images" and p.parent.name else stem
+
+
 def _jsonable(x):
     """JSON has no inf (identical images give PSNR inf): store it as the string "inf"."""
     if isinstance(x, float) and not math.isfinite(x):
@@ -243,8 +309,12 @@ def run(
     out: str = "outputs/recon.json",
     inception_path: str | None = None,
     device: str = "cpu",
+    dataset: str | None = None,
+    table: str | None = None,
+    examples: int = 8,
 ) -> dict:
-    """Load, evaluate, write ``out`` atomically; return the results dict (the CLI's work minus printing)."""
+    """Load, evaluate, write ``out`` atomically (and the ``table`` row, the ``examples`` picture); return the
+    results dict (the CLI's work minus printing)."""
     if batch_size < 1 or num_images < 1:
         raise ValueError(f"batch_size and num_images must be >= 1, got {batch_size=}, {num_images=}")
     sources = collect_images(images, num_images)
@@ -255,6 +325,7 @@ def run(
     results = evaluate_reconstruction(tok, sources, batch_size, extractor)
     results["tokenizer"] = tok.tokenizer_id
     results["rfid_status"] = f"computed with {inception_path}" if extractor else "skipped (no --inception_path)"
+    results["dataset"] = dataset or dataset_name(images)
     results["settings"] = {"tokenizer": tokenizer, "checkpoint": str(checkpoint), "images": str(images),
                            "num_images": num_images, "batch_size": batch_size, "inception_path": inception_path,
                            "device": device, "metric_range": "uint8 values, data_range 255",
@@ -262,6 +333,13 @@ def run(
     out_path = Path(out)
     atomic_write_text(out_path, json.dumps(_jsonable(results), indent=2) + "\n")
     logger.info(f"wrote {out_path}")
+    if examples > 0:
+        save_examples(tok, sources[:examples], out_path.with_suffix(".png"))
+        logger.info(f"wrote {out_path.with_suffix('.png')}: {min(examples, len(sources))} references above their "
+                    "reconstructions")
+    if table:
+        upsert_table(Path(table), markdown_row(results, results["dataset"]))
+        logger.info(f"updated {table}")
     return results
 
 
@@ -274,12 +352,17 @@ def main(
     out: str = "outputs/recon.json",
     inception_path: str | None = None,
     device: str = "cpu",
+    dataset: str | None = None,
+    table: str | None = None,
+    examples: int = 8,
     threads: int = 2,
 ) -> None:
-    """CLI: evaluate and print the table (see the module docstring for ``--images`` and ``--inception_path``)."""
+    """CLI: evaluate and print the table and its markdown row (see the module docstring)."""
     torch.set_num_threads(threads)
-    results = run(tokenizer, checkpoint, images, num_images, batch_size, out, inception_path, device)
+    results = run(tokenizer, checkpoint, images, num_images, batch_size, out, inception_path, device, dataset, table,
+                  examples)
     print(format_table(results))  # the CLI's output; logs go to stderr
+    print(f"\n{TABLE_HEADER}\n{markdown_row(results, results['dataset'])}")
 
 
 if __name__ == "__main__":

@@ -49,11 +49,14 @@ def test_min_gap_makes_the_probe_a_gate(monkeypatch, tmp_path):
     from tools import conditioning_probe as cp
 
     figures = {"own": 0.25, "wrong": 0.2501, "uncond": 0.2502, "wrong_minus_own": 0.0001, "wrong_minus_own_se": 1e-4,
-               "uncond_minus_own": 0.0002, "uncond_minus_own_se": 1e-4}
+               "uncond_minus_own": 0.0002, "uncond_minus_own_se": 1e-4, "codes_per_image": 64}
     monkeypatch.setattr(cp, "probe", lambda *a, **k: dict(figures))
     assert cp.main("ckpt", out=str(tmp_path / "p.json"))["wrong_minus_own"] == 0.0001  # no gate: figures only
-    with pytest.raises(SystemExit, match=r"\+0\.0001 nats per image code \(< 0\.004"):
-        cp.main("ckpt", out=str(tmp_path / "p.json"), min_gap=0.004)
+    with pytest.raises(SystemExit, match=r"\+0\.006 nats per image \(\+0\.0001 per code x 64 codes; the gate: >= 0\.25"):
+        cp.main("ckpt", out=str(tmp_path / "p.json"), min_gap=0.25)
     assert (tmp_path / "p.json").is_file()  # the figures are written before the verdict
-    figures["wrong_minus_own"] = 0.0083
-    assert cp.main("ckpt", min_gap=0.004)["wrong_minus_own"] == 0.0083
+    figures["wrong_minus_own"] = 0.0041  # 0.26 nats per image
+    assert cp.main("ckpt", min_gap=0.25)["wrong_minus_own"] == 0.0041
+    figures["codes_per_image"] = 32  # the same per-code gap over half the codes: 0.13 nats per image
+    with pytest.raises(SystemExit, match="nats per image"):
+        cp.main("ckpt", min_gap=0.25)

@@ -99,3 +99,27 @@ def test_train_sh_stops_at_the_vq_quality_gate_before_encoding_or_training(tmp_p
     log = proc.stdout + proc.stderr
     assert proc.returncode == 1 and "no gate figures" in log, log[-3000:]
     assert not codes.exists() and not (out / "train.log").exists()
+
+
+@pytest.mark.slow
+def test_train_sh_sets_up_the_shapes_world_on_an_rqvae(tmp_path):
+    """IMAGE_TOKENIZER=rqvae: the set-up trains the RQ-VAE with data_process/train_tokenizer.py into
+    SHAPES_DIR/rqvae and holds it to the same gate before encoding (an under-trained one stops the run)."""
+    shapes, codes, out = tmp_path / "shapes", tmp_path / "codes", tmp_path / "run"
+    tiny = '{"channels":[8,16,16,16],"dec_res_blocks":1,"codebook_size":32}'
+    env = {
+        **os.environ, "IMAGE_TOKENIZER": "rqvae", "SHAPES_DIR": str(shapes), "SHAPES_CODES_DIR": str(codes),
+        "OUTPUT_DIR": str(out), "SHAPES_NUM_IMAGES": "16", "NUM_THREADS": "1", "VQ_GATE_MIN_SCENES": "40",
+        "VQ_EXTRA_ARGS": f"--max_steps 2 --warmup_steps 1 --num_train 64 --num_eval 40 --precision fp32 "
+                         f"--num_threads 1 --model_config {tiny}",
+    }
+    (shapes / "tokenizer").mkdir(parents=True)  # as above: the BPE training is not what this test is about
+    (shapes / "tokenizer" / "tokenizer.json").write_text("{}")
+    proc = subprocess.run(["bash", "train.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 1, log[-3000:]
+    assert "training the shapes world's rqvae tokenizer" in log and "stopped at the VQ quality gate" in log
+    metrics = json.loads((shapes / "rqvae" / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["tokenizer"].startswith("rqvae@")
+    assert metrics["train_config"]["model"]["codebook_size"] == 32 and f"{metrics['detector_exact_pct']}%" in log
+    assert not (shapes / "vq").exists() and not codes.exists() and not (out / "train.log").exists()

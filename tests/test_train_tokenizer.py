@@ -117,6 +117,13 @@ def test_data_config_images_and_bad_inputs(tmp_path):
     assert metrics["train_config"]["edge_loss_weight"] == 0.0 and "l2_edge_weighted" not in metrics["final_terms"]
     tok = load_image_tokenizer("rqvae", str(out))
     assert tok.encode(tok.preprocess([Image.open(images / "0.png")])).codes_BN.shape == (1, 4 * 4 * 4)
+    # a plain folder (no captions): every image file under it, the broken and the small one counted as bad
+    folder_run = tt.train_tokenizer(kind="rqvae", out_dir=str(tmp_path / "rq_folder"), data_config=str(images),
+                                    max_steps=3, warmup_steps=1, batch_size=4, precision="fp32", num_threads=1,
+                                    min_size=16, model_config={"image_size": 16, "channels": [8, 16, 16],
+                                                               "codebook_size": 16})
+    assert folder_run["train_config"]["num_train"] == 5 and "record:bad_record" not in folder_run["bad_inputs"]
+    assert folder_run["bad_inputs"]["unreadable_image"] >= 1 and folder_run["bad_inputs"]["too_small"] >= 1
 
 
 def test_hqvae_with_perceptual_and_gan_terms(tmp_path, capsys):

@@ -11,7 +11,7 @@ from PIL import Image
 import torch.nn.functional as F
 from torch import nn
 
-from data_process.eval_recon import collect_images, evaluate_reconstruction, main, run
+from data_process.eval_recon import TABLE_HEADER, collect_images, evaluate_reconstruction, main, run
 from modeling.vq import EncodedImages, ImageTokenizer, load_image_tokenizer
 from modeling.vq.hqvae import HQVAE, HQVAEConfig, deserialize, serialize, serialized_levels
 from modeling.vq.metrics import (
@@ -312,9 +312,21 @@ def test_eval_recon_cli_on_tiny_hqvae(tmp_path, tiny, capsys):
     assert saved["tokenizer"] == tiny.tokenizer_id and len(saved["codebook_usage"]) == 2
     assert all(0 < u <= 1 for u in saved["codebook_usage"]) and all(p >= 1 for p in saved["perplexity"])
     assert 0 < saved["psnr"] < 60 and -1 <= saved["ssim"] <= 1
+    assert saved["dataset"] == "imgs" and f"| {tiny.tokenizer_id} | imgs | 8 |" in table  # the markdown row
+    with Image.open(out.with_suffix(".png")) as grid:  # 8 references above their reconstructions, 2 px gaps
+        assert grid.size == (8 * 16 + 7 * 2, 2 * 16 + 2)
+    md = tmp_path / "recon.md"
     with_fid = run("hqvae", str(ckpt), str(folder), num_images=8, batch_size=4, out=str(out),
-                   inception_path=str(_scripted_extractor(tmp_path / "feat.pt")))
+                   inception_path=str(_scripted_extractor(tmp_path / "feat.pt")), table=str(md), examples=0)
     assert with_fid["rfid"] > 0 and math.isfinite(with_fid["rfid"]) and with_fid["psnr"] == pytest.approx(saved["psnr"])
+    run("hqvae", str(ckpt), str(folder), num_images=4, out=str(out), table=str(md), dataset="ffhq", examples=0)
+    run("hqvae", str(ckpt), str(folder), num_images=5, out=str(out), table=str(md), examples=0)  # replaces imgs' row
+    lines = md.read_text().splitlines()
+    assert lines[:2] == TABLE_HEADER.splitlines() and len(lines) == 4
+    assert [line.split("|")[2:4] for line in lines[2:]] == [[" ffhq ", " 4 "], [" imgs ", " 5 "]]
+    md.write_text("# my notes\n")
+    with pytest.raises(ValueError, match="not a table written by eval_recon"):
+        run("hqvae", str(ckpt), str(folder), num_images=2, out=str(out), table=str(md), examples=0)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # our toy extractor is scripted
