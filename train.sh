@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train a Uni-X model with the HF Trainer (uni_arch/train/hf_trainer.py).
 #
-#   bash train.sh                                   # the default: tiny Uni-X on the shapes world, CPU, 17-21 min on 2 cores with native bf16, 21-24 without (README)
+#   bash train.sh                                   # the default: tiny Uni-X on the shapes world, CPU, ~16 min on 2 quiet cores with native bf16, ~19.5 without (README)
 #   bash train.sh configs/train/stage2.yaml         # a preset (YAML keys are hf_trainer.py argument names)
 #   LEARNING_RATE=3e-4 MAX_STEPS=200 bash train.sh  # any parameter below, from the environment
 #   LAUNCHER=accelerate NUM_PROCESSES=8 bash train.sh configs/train/stage3.yaml
@@ -106,7 +106,7 @@ TOKENIZER_SUFFIX="$([[ "$IMAGE_TOKENIZER" == shapes ]] || echo "-$IMAGE_TOKENIZE
 # does it draw what it is asked (evaluation/shapes_t2i.py over the 40 single-object prompts)?
 : "${CKPT_GATE_CAPTION_GAP=0.25}"                # nats per image a wrong caption must cost (default run: ~9; blind: ~0.01)
 : "${CKPT_GATE_SEEDS=8}"                         # images per prompt (0 = no drawing gate)
-# floor of the seen-pair mean exact rate over the 40 (colour, shape) prompts, % (default runs: 47-56); for hqvae and
+# floor of the seen-pair mean exact rate over the 40 (colour, shape) prompts, % (default runs: 72); for hqvae and
 # rqvae 0, a report: 1,600 steps do not teach this model to draw their 4-5x longer images (rqvae runs: 0-1%, README)
 : "${CKPT_GATE_PAIR_EXACT_PCT=$([[ "$IMAGE_TOKENIZER" == shapes ]] && echo 35 || echo 0)}"
 : "${CKPT_GATE_UNCOND_PCT=15}"                   # at most this share of unconditional images may be one red circle, %
