@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from data_process.converters import ImageSource as Location  # where an image's bytes are
 from data_process.schema import atomic_write_text
-from modeling.vq import ImageTokenizer, load_image_tokenizer
+from modeling.vq import EncodedImages, ImageTokenizer, load_image_tokenizer
 from modeling.vq.metrics import CodeStats, FeatureMoments, frechet_distance, psnr, ssim
 from modeling.vq.preprocess import group_by_grid
 
@@ -167,6 +167,16 @@ def _batches(sources: Sequence[ImageSource], size: int) -> Iterator[Sequence[Ima
         yield sources[i:i + size]
 
 
+def reconstruct_groups(tokenizer: ImageTokenizer, pixels: Sequence[torch.Tensor]
+                       ) -> Iterator[tuple[list[int], EncodedImages, torch.Tensor, torch.Tensor]]:
+    """Encode and decode preprocessed images, batched by code grid: per group, the images' indices, their codes and
+    the reference and reconstruction as uint8 values (the metrics' and the example picture's common path)."""
+    for idx in group_by_grid(p.shape[-2:] for p in pixels).values():
+        x_BCHW = torch.stack([pixels[i] for i in idx])
+        enc = tokenizer.encode(x_BCHW)
+        yield idx, enc, to_uint8_values(x_BCHW), to_uint8_values(tokenizer.decode(enc.codes_BN, enc.grid).cpu())
+
+
 @torch.no_grad()
 def evaluate_reconstruction(
     tokenizer: ImageTokenizer,
@@ -186,11 +196,8 @@ def evaluate_reconstruction(
                 pixels.append(tokenizer.preprocess([src.load()])[0])
             except (OSError, ValueError) as e:
                 raise ValueError(f"{src.name}: cannot read or preprocess image: {e}") from e
-        for idx in group_by_grid(p.shape[-2:] for p in pixels).values():
-            x_BCHW = torch.stack([pixels[i] for i in idx])
-            enc = tokenizer.encode(x_BCHW)
+        for _, enc, real, recon in reconstruct_groups(tokenizer, pixels):
             stats.update(enc.codes_BN, enc.levels_N)
-            real, recon = to_uint8_values(x_BCHW), to_uint8_values(tokenizer.decode(enc.codes_BN, enc.grid).cpu())
             psnrs.append(psnr(real, recon, 255.0))
             ssims.append(ssim(real, recon, 255.0))
             if feature_extractor is not None:
@@ -259,17 +266,15 @@ def upsert_table(path: Path, row: str) -> str:
     return text
 
 
+@torch.no_grad()
 def save_examples(tokenizer: ImageTokenizer, sources: Sequence[ImageSource], path: Path) -> None:
     """References (top row) above their reconstructions (bottom row), at the tokenizer's own preprocessing."""
     from data_process.schema import atomic_path
 
     pixels = [tokenizer.preprocess([src.load()])[0] for src in sources]
     pairs = []
-    for idx in group_by_grid(p.shape[-2:] for p in pixels).values():
-        x_BCHW = torch.stack([pixels[i] for i in idx])
-        enc = tokenizer.encode(x_BCHW)
-        recon = tokenizer.decode(enc.codes_BN, enc.grid).cpu()
-        pairs += zip(idx, to_uint8_values(x_BCHW), to_uint8_values(recon))
+    for idx, _, real, recon in reconstruct_groups(tokenizer, pixels):
+        pairs += zip(idx, real, recon)
     pairs.sort(key=lambda t: t[0])
     h = max(real.shape[1] for _, real, _ in pairs)
     widths = [real.shape[2] for _, real, _ in pairs]
@@ -284,6 +289,7 @@ def save_examples(tokenizer: ImageTokenizer, sources: Sequence[ImageSource], pat
 
 
 def dataset_name(images: str) -> str:
+    """The default ``--dataset``: the ``--images`` folder's (or list's) name, its parent's for a folder ``images``."""
     p = Path(images)
     stem = p.stem if p.is_file() else p.name
     return p.parent.name if stem == "images" and p.parent.name else stem

@@ -44,7 +44,7 @@ Figures (shapes world, 2 cores):
   2,400 steps; held-out 40.93 dB, detector exact match **98.8%** (misses: 8 wrong shape, 4 object lost),
   background consistency 100%, usage per depth 76/61/42/33%, perplexity 55/33/22/13: the gate passes, under 10
   minutes without bf16.
-* RQ-VAE with the shapes VQ's 4 decoder blocks (``--kind rqvae --out_dir DIR``, 2026-12-01, channels-last
+* RQ-VAE with 4 decoder blocks, the shapes VQ's then (``--kind rqvae --out_dir DIR``, 2026-12-01, channels-last
   convolutions): 7.2 min wall, bf16 x2 chosen by timing (0.152 s/step timed; fp32 x2 0.255), 2,000 steps at 0.197 s/step; held-out
   38.99 dB, detector exact match 96.3% on 1,000 scenes (misses: 31 wrong shape, 5 object lost, 1 spurious),
   background consistency 100%, usage per depth 81/59/42/31%, perplexity 48/27/28/17. Just below the 97% bar.

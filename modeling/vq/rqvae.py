@@ -91,7 +91,7 @@ class RQVAEConfig(ConvGridGeometry):
     image_size: int = 64
     channels: tuple[int, ...] = (16, 48, 128, 128)
     enc_res_blocks: int = 0
-    # 2, not the shapes VQ's 4: the same gate figures on the shapes world (98.8% detector, 40.9 dB) at 0.22 instead
+    # 2, not 4: the same gate figures on the shapes world (98.8% detector, 40.9 dB) at 0.22 instead
     # of 0.26 s/step in fp32, which keeps the default run under 10 minutes on 2 cores without native bf16
     dec_res_blocks: int = 2
     mid_res_blocks: int = 0
