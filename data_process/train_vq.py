@@ -352,10 +352,16 @@ def batch_indices(cfg: TrainVQConfig, step: int) -> torch.Tensor:
     return torch.randint(0, cfg.num_train, (cfg.batch_size,), generator=g)
 
 
-def _save_state(path: Path, model: ShapesVQ, opt: torch.optim.Optimizer, step: int, elapsed: float, cfg: dict) -> None:
+# Steps per point of metrics.json's ``mse_curve``: a run that ends far above its peers (the final MSE doubled once,
+# a change of thread count away from a good run) shows whether it diverged, stalled or never got there.
+CURVE_EVERY = 100
+
+
+def _save_state(path: Path, model: ShapesVQ, opt: torch.optim.Optimizer, step: int, elapsed: float, cfg: dict,
+                curve: dict[int, float]) -> None:
     with atomic_path(path) as tmp:
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "elapsed_s": elapsed,
-                    "rng": torch.get_rng_state(), "config": cfg}, tmp)
+                    "rng": torch.get_rng_state(), "config": cfg, "mse_curve": curve}, tmp)
 
 
 def train_loop(
@@ -372,11 +378,13 @@ def train_loop(
 
     ``time_limit_s`` is a guard against a machine far slower than expected, not a budget: when it fires the
     schedule is unfinished, the run says so, and the quality gate judges the result.
-    Returns a summary: steps done, training seconds (this run plus resumed ones), images/s, first/last losses,
-    whether the guard fired.
+    Returns a summary: steps done, training seconds (this run plus resumed ones), images/s, first/last losses, the
+    mean reconstruction MSE of every ``CURVE_EVERY`` steps (``mse_curve``, keyed by the last step), whether the
+    guard fired.
     """
     opt = make_optimizer(to_channels_last(model), cfg)
     start_step, elapsed_before = 0, 0.0
+    curve: dict[int, float] = {}
     if state_path is not None and state_path.exists():
         state = torch.load(state_path, weights_only=True)
         if state["config"] != cfg.to_dict():
@@ -385,6 +393,7 @@ def train_loop(
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         start_step, elapsed_before = int(state["step"]), float(state["elapsed_s"])
+        curve = {int(k): float(v) for k, v in state.get("mse_curve", {}).items()}
         logger.info(f"resuming from {state_path} at step {start_step} ({elapsed_before:.0f}s already trained)")
     model.train()
     losses: list[float] = []
@@ -409,8 +418,11 @@ def train_loop(
             bar.update(1)
             if step % 20 == 0:
                 bar.set_postfix(mse=f"{sum(losses[-20:]) / 20:.5f}", lr=f"{lr:.2e}")
+            if step % CURVE_EVERY == 0 and len(losses) >= CURVE_EVERY:
+                curve[step] = round(sum(losses[-CURVE_EVERY:]) / CURVE_EVERY, 6)
             if state_path is not None and step % save_every == 0 and step < cfg.max_steps:
-                _save_state(state_path, model, opt, step, elapsed_before + time.perf_counter() - t0, cfg.to_dict())
+                _save_state(state_path, model, opt, step, elapsed_before + time.perf_counter() - t0, cfg.to_dict(),
+                            curve)
     run_s, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
     model.to(memory_format=torch.contiguous_format).eval()
     done_now = step - start_step
@@ -423,6 +435,7 @@ def train_loop(
         "cpu_s_per_step": round(cpu_s / max(done_now, 1), 4),
         "first_mse": round(sum(losses[:10]) / max(1, len(losses[:10])), 6) if losses else None,
         "last_mse": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 6) if losses else None,
+        "mse_curve": {str(k): v for k, v in sorted(curve.items())},
         "stopped_by_time_limit": cut,
         "precision": setting.precision,
         "num_threads": setting.num_threads,

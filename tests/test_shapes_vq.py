@@ -182,17 +182,23 @@ def test_short_training_reduces_loss_and_uses_many_codes(shapes_images):
     assert summary["steps"] == 100 and not summary["stopped_by_time_limit"]
     # measured: MSE 0.090 -> 0.060 and held-out PSNR 16.0 -> 18.4 dB after 80 steps
     assert summary["last_mse"] < 0.8 * summary["first_mse"]
+    # one point per CURVE_EVERY steps, each the mean of that stretch: it falls like the loss does
+    curve = summary["mse_curve"]
+    assert list(curve) == [str(s) for s in range(tv.CURVE_EVERY, 101, tv.CURVE_EVERY)]
+    assert curve[str(tv.CURVE_EVERY)] < summary["first_mse"]
     assert after["psnr_db"] > before["psnr_db"] + 1.5
     assert after["codes_used"] > 1 and after["usage_pct"] >= 25.0  # restarts keep the small codebook in use
 
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, shapes_images, monkeypatch):
     cfg = tiny_train_config()
+    monkeypatch.setattr(tv, "CURVE_EVERY", 2)
+    summaries = []
 
     def run(state_path) -> ShapesVQ:
         torch.manual_seed(0)
         model = ShapesVQ(cfg.model)
-        tv.train_loop(model, shapes_images[:128], cfg, state_path=state_path, save_every=4)
+        summaries.append(tv.train_loop(model, shapes_images[:128], cfg, state_path=state_path, save_every=4))
         return model
 
     reference = run(None)
@@ -211,6 +217,8 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, shapes_images, monkeyp
     resumed = run(tmp_path / "state.pt")
     for key, value in reference.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key
+    # the loss curve survives the interruption: the points before step 4 come from the saved state
+    assert summaries[-1]["mse_curve"] == summaries[0]["mse_curve"] and len(summaries[0]["mse_curve"]) == 5
 
 
 def test_train_vq_cli_writes_checkpoint_and_skips_a_finished_out_dir(tmp_path):
