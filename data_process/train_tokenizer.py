@@ -113,6 +113,9 @@ GATE_MIN_DETECTOR_PCT = 97.0  # the issue's bar for the trained HQ-VAE / RQ-VAE 
 # the default 2 blocks, 2,400 steps: 98.8% / 40.9 dB in 8.8 min in fp32)
 DEFAULT_MAX_STEPS: dict[str, int] = {"shapes": TrainVQConfig.max_steps, "hqvae": TrainVQConfig.max_steps,
                                      "rqvae": 2400}
+# Warmup when --warmup_steps is not given: train_vq's own for the shapes VQ (300: its 2-block decoder blew up once
+# in a 100-step warmup), 100 for the kinds measured with it.
+DEFAULT_WARMUP_STEPS: dict[str, int] = {"shapes": TrainVQConfig.warmup_steps, "hqvae": 100, "rqvae": 100}
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -589,7 +592,7 @@ def train_tokenizer(
     max_steps: int | None = None,
     batch_size: int = TrainTokenizerConfig.batch_size,
     lr: float = TrainTokenizerConfig.lr,
-    warmup_steps: int = TrainTokenizerConfig.warmup_steps,
+    warmup_steps: int | None = None,
     seed: int = 0,
     precision: str = TrainTokenizerConfig.precision,
     l2_weight: float = TrainTokenizerConfig.l2_weight,
@@ -615,10 +618,13 @@ def train_tokenizer(
 
     ``--kind shapes`` hands every flag to :func:`data_process.train_vq.train_vq`. ``model_config`` overrides fields
     of the tokenizer's config (``RQVAEConfig`` / ``HQVAEConfig``). ``stop_after`` (testing, interruption): stop after
-    that many steps with the state saved; a rerun resumes. ``max_steps`` None: the kind's ``DEFAULT_MAX_STEPS``.
+    that many steps with the state saved; a rerun resumes. ``max_steps`` / ``warmup_steps`` None: the kind's
+    ``DEFAULT_MAX_STEPS`` / ``DEFAULT_WARMUP_STEPS``.
     """
     if max_steps is None:  # an unknown kind is refused by TrainTokenizerConfig below
         max_steps = DEFAULT_MAX_STEPS.get(kind, TrainVQConfig.max_steps)
+    if warmup_steps is None:
+        warmup_steps = DEFAULT_WARMUP_STEPS.get(kind, TrainTokenizerConfig.warmup_steps)
     if kind == "shapes":
         from data_process.train_vq import train_vq
 

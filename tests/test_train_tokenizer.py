@@ -193,11 +193,12 @@ def test_shared_flags_default_as_train_vq():
     from data_process.train_vq import train_vq
 
     mine, theirs = inspect.signature(tt.train_tokenizer).parameters, inspect.signature(train_vq).parameters
-    shared = ["num_train", "num_eval", "batch_size", "lr", "warmup_steps", "seed", "precision", "save_every",
-              "num_threads"]
+    shared = ["num_train", "num_eval", "batch_size", "lr", "seed", "precision", "save_every", "num_threads"]
     assert {k: mine[k].default for k in shared} == {k: theirs[k].default for k in shared}
-    # max_steps defaults per kind: train_vq's for shapes (and HQ-VAE), longer for RQ-VAE's four depths
+    # max_steps and warmup_steps default per kind: train_vq's for shapes, longer for RQ-VAE's four depths
     assert mine["max_steps"].default is None and tt.DEFAULT_MAX_STEPS["shapes"] == theirs["max_steps"].default
+    assert mine["warmup_steps"].default is None
+    assert tt.DEFAULT_WARMUP_STEPS["shapes"] == theirs["warmup_steps"].default
     assert tt.DEFAULT_MAX_STEPS["rqvae"] > theirs["max_steps"].default
 
 
@@ -207,3 +208,4 @@ def test_default_max_steps_per_kind(monkeypatch, tmp_path):
     monkeypatch.setattr("data_process.train_vq.train_vq", lambda **kw: seen.update(kw) or {"ok": 1})
     tt.train_tokenizer(kind="shapes", out_dir=str(tmp_path))
     assert seen["max_steps"] == tt.DEFAULT_MAX_STEPS["shapes"]
+    assert seen["warmup_steps"] == tt.DEFAULT_WARMUP_STEPS["shapes"]
