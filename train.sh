@@ -109,7 +109,10 @@ TOKENIZER_SUFFIX="$([[ "$IMAGE_TOKENIZER" == shapes ]] || echo "-$IMAGE_TOKENIZE
 # floor of the seen-pair mean exact rate over the 40 (colour, shape) prompts, % (default runs: 72); for hqvae and
 # rqvae 0, a report: 1,600 steps do not teach this model to draw their 4-5x longer images (rqvae runs: 0-1%, README)
 : "${CKPT_GATE_PAIR_EXACT_PCT=$([[ "$IMAGE_TOKENIZER" == shapes ]] && echo 35 || echo 0)}"
-: "${CKPT_GATE_UNCOND_PCT=15}"                   # at most this share of unconditional images may be one red circle, %
+# at most this share of unconditional images may be one red circle, %: it stops a model that draws one whatever it
+# is asked. At 8 seeds one image is 12.5 points, so 30 lets 2 of 8 pass: the default runs' 0-5% (64 seeds) would have
+# failed 15 (2 of 8) in ~5% of runs; 3 of 8 happens at that rate < 1% of the time
+: "${CKPT_GATE_UNCOND_PCT=30}"
 
 # =====================================================================================================
 # 2. Execution (usually no changes needed below)

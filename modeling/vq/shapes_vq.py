@@ -112,7 +112,7 @@ class ShapesVQConfig(ConvGridGeometry):
     # are rebuilt from the neighbouring codes (the codebook stays at 512 for the LLM's sake, see the module doc).
     # 2, not 4 (2026-12-02): the same gate figures (93.9-95.8% detector, 35.1-37.1 dB, background 100%) at 0.21
     # instead of 0.27 s/step in fp32, and the default train.sh checkpoint drew far better on it (64 seeds: red
-    # circle 67% against 47-59%, 40-pair exact 71% against 48-59%; README). It needs train_vq's 300-step warmup:
+    # circle 67-72% against 47-59%, 40-pair exact 71-73% against 48-59%; README). It needs train_vq's 300-step warmup:
     # with 100 one fp32 run blew up early and failed the gate (train_vq's module doc).
     dec_res_blocks: int = 2
     mid_res_blocks: int = 0  # decoder residual blocks at the intermediate resolutions (costly at 32x32)
