@@ -115,12 +115,22 @@ class ModalityRouting:
     def num_text(self) -> int:
         return self.text_idx_N.numel()
 
+    @property
+    def one_modality(self) -> bool:
+        """Every token of the batch is text, or every one is vision: concat order is row order (a decoding step
+        drawing an image, a text-only batch)."""
+        return self.num_text in (0, self.batch * self.seq)
+
     def rows_to_concat(self, x_MF: torch.Tensor) -> torch.Tensor:
         """Row order -> concat order (a permutation of the flat rows)."""
+        if self.one_modality:
+            return x_MF
         return _Permute.apply(x_MF, self.concat_idx_M, self.flat_to_concat_M)
 
     def concat_to_rows(self, x_MF: torch.Tensor) -> torch.Tensor:
         """Concat order -> row order."""
+        if self.one_modality:
+            return x_MF
         return _Permute.apply(x_MF, self.flat_to_concat_M, self.concat_idx_M)
 
     def branch(
@@ -131,9 +141,13 @@ class ModalityRouting:
     ) -> torch.Tensor:
         """Run each branch on its own rows of a concat-ordered tensor (text rows first); concat order out.
 
-        A branch with no tokens still runs on its empty slice, so its parameters stay in the autograd graph and
-        receive a (zero) gradient: DDP/ZeRO all-reduce every parameter on every rank (DESIGN.md section 9).
+        While gradients are recorded, a branch with no tokens still runs on its empty slice, so its parameters stay
+        in the autograd graph and receive a (zero) gradient: DDP/ZeRO all-reduce every parameter on every rank
+        (DESIGN.md section 9). Without gradients (inference) it is skipped: a decoding step drawing an image has
+        no text token, and the empty branch's dozen small ops were ~10% of a tiny model's step.
         """
+        if self.one_modality and not torch.is_grad_enabled():
+            return (text_fn if self.num_text else vision_fn)(x_MF)
         # split, not x[:n] / x[n:]: each slice's backward would build a full-size zero gradient (see attention.py)
         text_MF, vision_MF = x_MF.split([self.num_text, x_MF.shape[0] - self.num_text], dim=0)
         return torch.cat([text_fn(text_MF), vision_fn(vision_MF)], dim=0)

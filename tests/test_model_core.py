@@ -198,6 +198,36 @@ def test_one_modality_batch_gives_every_parameter_a_gradient(name, modality, bac
     assert not missing, f"{name}/{modality}: no gradient for {missing}"
 
 
+@pytest.mark.parametrize("name", [n for n in VARIANTS if n != "dense"])
+@pytest.mark.parametrize("modality", ["text", "vision"])
+def test_one_modality_batch_without_gradients_skips_the_empty_branch_with_the_same_logits(name, modality, backbone,
+                                                                                         monkeypatch):
+    """Inference skips the branch with no tokens (ModalityRouting.branch); the logits must not move, and with
+    gradients on (training) the empty branch still runs, for DDP's sake."""
+    from modeling.modality import ModalityRouting
+
+    g = torch.Generator().manual_seed(3)
+    ids = torch.tensor([text_ids(12, g) if modality == "text" else image_ids(12, g)])
+    model = tiny_model(name, backbone=backbone)
+    rows_seen: list[int] = []
+    original = ModalityRouting.branch
+
+    def recording(self, x, text_fn, vision_fn):
+        def wrap(fn):
+            return lambda h: rows_seen.append(h.shape[0]) or fn(h)
+        return original(self, x, wrap(text_fn), wrap(vision_fn))
+
+    monkeypatch.setattr(ModalityRouting, "branch", recording)
+    with torch.no_grad():
+        skipped = model(input_ids=ids, use_cache=False).logits
+    assert rows_seen and 0 not in rows_seen
+    rows_seen.clear()
+    with torch.enable_grad():
+        full = model(input_ids=ids, use_cache=False).logits
+    assert 0 in rows_seen and 12 in rows_seen
+    assert torch.allclose(skipped, full.detach(), atol=1e-6), (skipped - full).abs().max()
+
+
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_every_parameter_changes_after_training_steps(name, backbone):
     model = tiny_model(name, "uni_x_packed", backbone=backbone).train()
