@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train a Uni-X model with the HF Trainer (uni_arch/train/hf_trainer.py).
 #
-#   bash train.sh                                   # the default: tiny Uni-X on the shapes world, CPU, ~16 min on 2 quiet cores with native bf16, ~19.5 without (README)
+#   bash train.sh                                   # the default: tiny Uni-X on the shapes world, CPU, ~16 min on 2 quiet cores with native bf16, ~19 without (README)
 #   bash train.sh configs/train/stage2.yaml         # a preset (YAML keys are hf_trainer.py argument names)
 #   LEARNING_RATE=3e-4 MAX_STEPS=200 bash train.sh  # any parameter below, from the environment
 #   LAUNCHER=accelerate NUM_PROCESSES=8 bash train.sh configs/train/stage3.yaml
