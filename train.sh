@@ -106,7 +106,7 @@ TOKENIZER_SUFFIX="$([[ "$IMAGE_TOKENIZER" == shapes ]] || echo "-$IMAGE_TOKENIZE
 # does it draw what it is asked (evaluation/shapes_t2i.py over the 40 single-object prompts)?
 : "${CKPT_GATE_CAPTION_GAP=0.25}"                # nats per image a wrong caption must cost (default run: ~9; blind: ~0.01)
 : "${CKPT_GATE_SEEDS=8}"                         # images per prompt (0 = no drawing gate)
-# floor of the seen-pair mean exact rate over the 40 (colour, shape) prompts, % (default runs: 72); for hqvae and
+# floor of the seen-pair mean exact rate over the 40 (colour, shape) prompts, % (default runs: 72-83); for hqvae and
 # rqvae 0, a report: 1,600 steps do not teach this model to draw their 4-5x longer images (rqvae runs: 0-1%, README)
 : "${CKPT_GATE_PAIR_EXACT_PCT=$([[ "$IMAGE_TOKENIZER" == shapes ]] && echo 35 || echo 0)}"
 # at most this share of unconditional images may be one red circle, %: it stops a model that draws one whatever it

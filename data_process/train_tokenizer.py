@@ -114,8 +114,8 @@ GATE_MIN_DETECTOR_PCT = 97.0  # the issue's bar for the trained HQ-VAE / RQ-VAE 
 DEFAULT_MAX_STEPS: dict[str, int] = {"shapes": TrainVQConfig.max_steps, "hqvae": TrainVQConfig.max_steps,
                                      "rqvae": 2400}
 # Warmup when --warmup_steps is not given: train_vq's own for the shapes VQ (300: its 2-block decoder blew up once
-# in a 100-step warmup), 100 for the kinds measured with it.
-DEFAULT_WARMUP_STEPS: dict[str, int] = {"shapes": TrainVQConfig.warmup_steps, "hqvae": 100, "rqvae": 100}
+# in a 100-step warmup); the other kinds take TrainTokenizerConfig.warmup_steps (100, what they were measured with).
+DEFAULT_WARMUP_STEPS: dict[str, int] = {"shapes": TrainVQConfig.warmup_steps}
 
 
 # ---------------------------------------------------------------------------------------------- config
